@@ -1,0 +1,109 @@
+"""InterLLaVA as in the IVCR-200K paper: EVA ViT-g/14 → image Q-Former (+timestamps) →
+sliding video Q-Former (window 32) → llama_proj → LLaMA-2-7B-chat with LoRA (r 32, α 32).
+
+``get_config(arg)``: comma-separated variants
+  ""        the paper setting: 96 frames for a moment video, 12 per retrieval candidate;
+  "head64"  the later reference code: 64 frames for both;
+  "tiny"    a tiny random model of the same shape (tests, the demo, CPU CI);
+  "init"    (with the paper model) initialise from the released PyTorch weights, paths in
+            ``config.init`` (see README "Weights").
+"""
+import ml_collections as mlc
+
+
+def model_config(tiny: bool = False) -> mlc.ConfigDict:
+    m = mlc.ConfigDict()
+    if not tiny:
+        m.vit = dict(image_size=224, patch_size=14, width=1408, depth=39, heads=16, mlp_dim=6144,
+                     eps=1e-6, post_eps=1e-5)
+        m.qformer = dict(vocab_size=32000, hidden=768, layers=12, heads=12, mlp_dim=3072, eps=1e-12,
+                         max_positions=512, cross_attention_freq=2, encoder_width=1408,
+                         num_query_tokens=32, dropout=0.1)
+        m.video_qformer = dict(hidden=768, layers=2, heads=12, mlp_dim=3072, eps=1e-12,
+                               encoder_width=768, num_query_tokens=32, max_frame_pos=96,
+                               window=32, stride=32, dropout=0.1)
+        m.llm = dict(vocab_size=32005, hidden=4096, intermediate=11008, layers=32, heads=32,
+                     kv_heads=32, rms_eps=1e-5, rope_theta=10000.0, max_positions=4096)
+    else:
+        m.vit = dict(image_size=28, patch_size=14, width=64, depth=2, heads=4, mlp_dim=128,
+                     eps=1e-6, post_eps=1e-5)
+        # The timestamp text is tokenised with the LLaMA tokenizer (a reproduced TimeChat
+        # quirk), so the Q-Former's word table must cover the LLaMA vocabulary.
+        m.qformer = dict(vocab_size=32005, hidden=64, layers=2, heads=4, mlp_dim=128, eps=1e-12,
+                         max_positions=64, cross_attention_freq=2, encoder_width=64,
+                         num_query_tokens=8, dropout=0.1)
+        m.video_qformer = dict(hidden=64, layers=1, heads=4, mlp_dim=128, eps=1e-12,
+                               encoder_width=64, num_query_tokens=8, max_frame_pos=96,
+                               window=32, stride=32, dropout=0.1)
+        m.llm = dict(vocab_size=32005, hidden=64, intermediate=128, layers=2, heads=4,
+                     kv_heads=4, rms_eps=1e-5, rope_theta=10000.0, max_positions=4096)
+    m.lora = dict(rank=32 if not tiny else 8, alpha=32.0 if not tiny else 8.0, dropout=0.1,
+                  targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    # TimeChat keeps the timestamp-text positions of the image Q-Former output (its weights
+    # expect it); False gives InstructBLIP's behaviour (queries only).
+    m.keep_timestamp_text = True
+    m.frozen_dtype = "bfloat16"      # EVA ViT and the LLaMA base
+    m.trainable_dtype = "float32"    # Q-Formers, projections, LoRA (and their Adam state)
+    m.compute_dtype = "bfloat16"
+    m.remat = "full"                 # "none" | "full" | "dots": rematerialise LLaMA blocks
+    return m
+
+
+def data_config(tiny: bool = False, head64: bool = False) -> mlc.ConfigDict:
+    d = mlc.ConfigDict()
+    d.annotations = ""               # IVCR-200K JSON
+    d.video_root = ""                # directory the JSON's video paths are relative to
+    d.tokenizer = ""                 # LLaMA tokenizer.model or HF tokenizer dir ("" = bundled test tokenizer)
+    d.lang = "en"                    # "en" | "zh" (Chinese_value)
+    d.retrieval_frames = 64 if head64 else 12
+    d.moment_frames = 64 if head64 else 96
+    d.frame_size = 28 if tiny else 224
+    d.timestamp_len = 16             # timestamp sentence length (LLaMA tokens), padded
+    d.max_turns = 7
+    d.max_len = 4096
+    d.text_buckets = (512, 1024, 2048, 4096)
+    d.exclude_types = ((0,),)
+    d.max_retrieval_videos = 10      # per-sample cap of 12-frame videos (padded with a mask)
+    d.max_moment_videos = 2
+    d.workers = 0
+    return d
+
+
+def get_config(arg: str = "") -> mlc.ConfigDict:
+    variants = {v for v in arg.split(",") if v}
+    unknown = variants - {"tiny", "head64", "init"}
+    if unknown:
+        raise ValueError(f"unknown variant(s) {sorted(unknown)}; known: tiny, head64, init")
+    tiny = "tiny" in variants
+    c = mlc.ConfigDict()
+    c.seed = 42
+    c.model = model_config(tiny)
+    c.data = data_config(tiny, "head64" in variants)
+    if "head64" in variants:
+        c.model.video_qformer.max_frame_pos = 64
+
+    c.init = mlc.ConfigDict(dict(
+        converted="",        # a directory written by `python -m ivcr_jax.convert ivcr` (preferred)
+        llama="", eva_vit="", instructblip="", timechat="", videollama="",
+    ))
+
+    c.train = mlc.ConfigDict(dict(
+        batch_size=32, grad_accum=1, steps=66_000,
+        lr=3e-5, min_lr=1e-5, warmup_init_lr=1e-6, warmup_steps=13_200,
+        weight_decay=0.05,   # the reference code; the paper states 1e-6
+        b1=0.9, b2=0.999, clip_norm=1.0,
+        lr_mults=(),         # ((regex, multiplier), ...) over trainable parameter paths
+        aux_loss_mode="faithful",   # "faithful" (reference, no gradient) | "differentiable" | "off"
+        alpha=0.01, beta=0.01,      # weights of the video-index and moment losses
+        log_every=10, ckpt_every=500, keep_checkpoints=3, eval_every=0,
+    ))
+    c.trainable = (r"qformer/.*", r"video_qformer/.*", r"llama_proj/.*", r".*lora_[ab]")
+    c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    if tiny:
+        c.train.update(batch_size=2, steps=50, warmup_steps=5, lr=1e-3, min_lr=1e-4,
+                       warmup_init_lr=1e-5, log_every=5, ckpt_every=20)
+        c.data.update(max_len=1024, text_buckets=(256, 512, 1024), timestamp_len=16)
+        c.model.update(frozen_dtype="float32", compute_dtype="float32", remat="none")
+        c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return c

@@ -1,0 +1,49 @@
+"""Create an InterLLaVA from a config node, sharded on a mesh, and load converted weights.
+
+The model is created abstractly (``nnx.eval_shape``), each variable's ``NamedSharding`` is
+derived from its logical axis names (``ivcr_jax/sharding.py``), and the real initialisation
+runs under ``jax.jit`` with those output shardings, so a 7B model is never materialised whole
+on one host or device.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from ivcr_jax import sharding
+from ivcr_jax.models.interllava import InterLLaVA, InterLLaVAConfig
+
+
+def model_config(node: Any) -> InterLLaVAConfig:
+    """``config.model`` (ConfigDict or dict) → :class:`InterLLaVAConfig`."""
+    d = node.to_dict() if hasattr(node, "to_dict") else dict(node)
+    return InterLLaVAConfig.from_dict(d)
+
+
+def abstract_model(cfg: InterLLaVAConfig, seed: int = 0) -> InterLLaVA:
+    return nnx.eval_shape(lambda: InterLLaVA(cfg, rngs=nnx.Rngs(seed)))
+
+
+def build_model(cfg: InterLLaVAConfig, *, mesh=None, seed: int = 0) -> InterLLaVA:
+    """Initialise a randomly initialised model, sharded over ``mesh`` when given."""
+    if mesh is None:
+        return InterLLaVA(cfg, rngs=nnx.Rngs(seed))
+    gdef, abstract_state = nnx.split(abstract_model(cfg, seed))
+    shardings = sharding.state_shardings(abstract_state, mesh)
+
+    @jax.jit
+    def init():
+        return nnx.split(InterLLaVA(cfg, rngs=nnx.Rngs(seed)))[1]
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(gdef, state)
+
+
+def load_converted(model: InterLLaVA, directory: str | Path, *, allow_missing=()) -> InterLLaVA:
+    """Load a checkpoint written by ``python -m ivcr_jax.convert`` into ``model`` in place."""
+    from ivcr_jax.convert.store import load_into
+
+    return load_into(model, directory, allow_missing=allow_missing)
