@@ -16,7 +16,7 @@ def model_config(tiny: bool = False) -> mlc.ConfigDict:
     if not tiny:
         m.vit = dict(image_size=224, patch_size=14, width=1408, depth=39, heads=16, mlp_dim=6144,
                      eps=1e-6, post_eps=1e-5)
-        m.qformer = dict(vocab_size=32000, hidden=768, layers=12, heads=12, mlp_dim=3072, eps=1e-12,
+        m.qformer = dict(vocab_size=30523, hidden=768, layers=12, heads=12, mlp_dim=3072, eps=1e-12,
                          max_positions=512, cross_attention_freq=2, encoder_width=1408,
                          num_query_tokens=32, dropout=0.1)
         m.video_qformer = dict(hidden=768, layers=2, heads=12, mlp_dim=3072, eps=1e-12,
@@ -63,7 +63,7 @@ def data_config(tiny: bool = False, head64: bool = False) -> mlc.ConfigDict:
     d.max_len = 4096
     d.text_buckets = (512, 1024, 2048, 4096)
     d.exclude_types = ((0,),)
-    d.max_retrieval_videos = 10      # per-sample cap of 12-frame videos (padded with a mask)
+    d.max_retrieval_videos = 20      # per-sample cap of retrieval-candidate videos (padded, masked)
     d.max_moment_videos = 2
     d.workers = 0
     return d

@@ -189,7 +189,9 @@ def load_flat(model: nnx.Module, flat: Mapping[str, np.ndarray], source: str = "
     check_flat(source, flat, targets, allow_missing)
     for k, arr in flat.items():
         var = targets[k]
-        var[...] = jnp.asarray(np.asarray(arr), dtype=var[...].dtype)
+        # set_value also fills an abstractly created (ShapeDtypeStruct) variable, so a model
+        # built with nnx.eval_shape is loaded without first materialising random weights.
+        var.set_value(jnp.asarray(np.asarray(arr), dtype=var.get_value().dtype))
     return model
 
 

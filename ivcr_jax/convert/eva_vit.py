@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import jax.numpy as jnp
@@ -60,7 +59,8 @@ def _expected_paths(cfg: EvaViTConfig) -> list[str]:
     return paths + list(POST_NORM_PATHS)
 
 
-def _block_table(cfg: EvaViTConfig, names: Mapping[str, str]) -> dict[str, tuple[tuple[int, ...], str, Callable]]:
+def _block_table(cfg: EvaViTConfig, names: Mapping[str, str]
+                 ) -> dict[str, tuple[tuple[int, ...], str, Callable]]:
     """Per-block ``source suffix -> (source shape, our suffix, transform)``."""
     d, m = cfg.width, cfg.mlp_dim
     t = {
@@ -107,7 +107,8 @@ class _Collector:
         allow = set(allow_missing)
         missing = [source_name.get(p, p) for p in _expected_paths(self.cfg)
                    if p not in self.flat and p not in allow]
-        missing = list(dict.fromkeys(missing))  # q_bias/v_bias share one HF key
+        shaped = {k for k, _, _ in self.mismatched}  # reported once, as mis-shaped
+        missing = [k for k in dict.fromkeys(missing) if k not in shaped]  # q/v_bias share an HF key
         if missing or self.unexpected or self.mismatched:
             raise CheckpointMismatch(self.source, missing, self.unexpected, self.mismatched)
         return self.flat
@@ -178,7 +179,8 @@ def convert_hf_tensors(tensors: Iterable[tuple[str, np.ndarray]], config: EvaViT
     for i in range(cfg.depth):
         for sub, (_, ours, _) in block.items():
             names[f"blocks/{i}/{ours}"] = f"encoder.layers.{i}.{sub}"
-        names[f"blocks/{i}/attn/q_bias"] = names[f"blocks/{i}/attn/v_bias"] = f"encoder.layers.{i}.self_attn.qkv.bias"
+        fused = f"encoder.layers.{i}.self_attn.qkv.bias"
+        names[f"blocks/{i}/attn/q_bias"] = names[f"blocks/{i}/attn/v_bias"] = fused
     return col.finish({k: prefix + v for k, v in names.items()})
 
 
@@ -195,7 +197,7 @@ def convert_hf(path: str | os.PathLike, *, dtype=np.float32,
     cfg, prefix = hf_config(path)
     cfg = config or cfg
     files = common.hf_weight_files(path)
-    # One pass per file; errors name the directory (keys may be spread over shards).
+    # Errors name the weight file, or the directory when the keys are spread over shards.
     def stream():
         for f in files:
             yield from common.read_any(f)
@@ -263,8 +265,8 @@ def convert_lavis(vit_path: str | os.PathLike, ln_vision: Any = None, *,
     InstructBLIP file, a TimeChat/IVCR checkpoint; ``{"model": sd}`` is unwrapped), or a mapping
     ``{"weight", "bias"}`` / ``{"ln_vision.weight", "ln_vision.bias"}`` of arrays or torch tensors.
     When ``None``, ``ln_vision.*`` keys of ``vit_path`` itself are used (full LAVIS checkpoints);
-    a missing post norm is an error unless ``allow_missing_post_norm=True`` (it then stays the
-    identity LayerNorm init).
+    a missing post norm is an error unless ``allow_missing_post_norm=True``, which puts an
+    identity LayerNorm (scale 1, bias 0) in the returned dict.
     """
     cfg, d = config, config.width
     p = cfg.patch_size
@@ -308,13 +310,14 @@ def convert_lavis(vit_path: str | os.PathLike, ln_vision: Any = None, *,
         (col.unexpected if name.startswith(LAVIS_PREFIX) else stray).append(name)
     if not prefixed:
         col.unexpected += stray  # a bare ViT state dict: every key must be known
-    allow: tuple[str, ...] = ()
     if ln_vision is not None:
         _read_ln_vision(ln_vision, cfg, col)
     elif own_ln:
         _read_ln_vision({f"ln_vision.{k}": v for k, v in own_ln.items()}, cfg, col, source)
     elif allow_missing_post_norm:
-        allow = POST_NORM_PATHS
+        # explicit identity LayerNorm (scale 1, bias 0), so the flat dict stays complete
+        col.put("<identity ln_vision>", np.ones((d,), np.float32), (d,), _to("post_norm/scale"))
+        col.put("<identity ln_vision>", np.zeros((d,), np.float32), (d,), _to("post_norm/bias"))
     else:
         raise CheckpointError(
             f"{source}: no ln_vision weights. The post norm (LAVIS ln_vision) is stored in the "
@@ -329,7 +332,7 @@ def convert_lavis(vit_path: str | os.PathLike, ln_vision: Any = None, *,
     for i in range(cfg.depth):
         for sub, (_, ours, _) in block.items():
             names[f"blocks/{i}/{ours}"] = f"{pre}blocks.{i}.{sub}"
-    return col.finish(names, allow)
+    return col.finish(names)
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -366,6 +369,4 @@ def from_lavis(vit_path: str | os.PathLike, ln_vision: Any = None, *,
     """Load LAVIS ``eva_vit_g.pth`` plus ``ln_vision`` (see :func:`convert_lavis`)."""
     flat = convert_lavis(vit_path, ln_vision, config=config, dtype=param_dtype,
                          allow_missing_post_norm=allow_missing_post_norm)
-    allow = POST_NORM_PATHS if allow_missing_post_norm else ()
-    return load(flat, config, source=str(vit_path), dtype=dtype, param_dtype=param_dtype,
-                allow_missing=allow)
+    return load(flat, config, source=str(vit_path), dtype=dtype, param_dtype=param_dtype)

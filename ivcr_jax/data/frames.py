@@ -157,6 +157,12 @@ def load_frames(
         try:
             batch = vr.get_batch(unique.tolist())
         except Exception as e:
+            if "DECORDArrayCopyFromTo" in str(e):
+                # decord 0.6 mis-sizes its output buffer for some small widths (8, 12, 16, 24, 48,
+                # 72 on every file tried): a setting problem, not a bad file, so not a VideoError.
+                raise ValueError(
+                    f"{path}: decord cannot resize frames to {size}x{size} (a decord bug for some "
+                    f"small widths, e.g. 16, 24, 48, 72); choose another size ({_short(e)})") from e
             raise VideoError(f"{path}: cannot decode frames ({_short(e)})") from e
         pixels = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
     finally:

@@ -57,6 +57,9 @@ class RecordError(ValueError):
         rid = f" (id {record_id!r})" if record_id is not None else ""
         super().__init__(f"record {index}{rid}: field '{field}': {problem}")
 
+    def __reduce__(self):  # picklable across processes despite the custom signature
+        return type(self), (self.index, self.field, self.problem, self.record_id)
+
     @property
     def reason(self) -> str:
         """The field with turn positions removed, used to count skipped records by cause."""

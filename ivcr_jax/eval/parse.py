@@ -75,7 +75,7 @@ _SEP = r"\s*(?:-|–|—|~|～|to|until|till|到|至)\s*"
 _RANGE = re.compile(_NUM + _UNIT + _SEP + _NUM, re.IGNORECASE)
 # HH:MM:SS or MM:SS ranges must be tried first: the plain range pattern would read "00:18 - 00:23"
 # as 18 - 00.
-_CLOCK = r"(\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?)"
+_CLOCK = r"(\d{1,2}:\d{2}(?::\d{2})?(?:\.\d+)?)"
 _CLOCK_RANGE = re.compile(r"\b" + _CLOCK + _SEP + _CLOCK + r"\b", re.IGNORECASE)
 _CLOCK_ONE = re.compile(r"\b" + _CLOCK + r"\b")
 _NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?!\.?\d)")
@@ -180,7 +180,7 @@ _CHAT_WORDS = (
     "chat", "dialogue", "dialog", "conversation", "small talk", "greeting", "casual",
     "聊天", "闲聊", "对话", "问候",
 )
-_STRICT_SPAN = re.compile(_NUM + r"\s*(?:s|seconds?|秒)?" + r"\s*(?:-|–|—|to|到|至)\s*" + _NUM + r"\s*(?:s|seconds?|秒)\b",
+_STRICT_SPAN = re.compile(_NUM + r"\s*(?:s\b|seconds?\b|秒)?\s*(?:-|–|—|to|到|至)\s*" + _NUM + r"\s*(?:s\b|seconds?\b|秒)",
                           re.IGNORECASE)
 _STRICT_SPAN_BARE = re.compile(_NUM + r"\s*(?:-|–|—)\s*" + _NUM)
 

@@ -29,16 +29,16 @@ def abstract_model(cfg: InterLLaVAConfig, seed: int = 0) -> InterLLaVA:
 
 def build_model(cfg: InterLLaVAConfig, *, mesh=None, seed: int = 0) -> InterLLaVA:
     """Initialise a randomly initialised model, sharded over ``mesh`` when given."""
-    if mesh is None:
-        return InterLLaVA(cfg, rngs=nnx.Rngs(seed))
     gdef, abstract_state = nnx.split(abstract_model(cfg, seed))
-    shardings = sharding.state_shardings(abstract_state, mesh)
 
-    @jax.jit
     def init():
         return nnx.split(InterLLaVA(cfg, rngs=nnx.Rngs(seed)))[1]
 
-    state = jax.jit(init, out_shardings=shardings)()
+    # One compiled initialisation (eager init would compile once per parameter shape).
+    if mesh is None:
+        state = jax.jit(init)()
+    else:
+        state = jax.jit(init, out_shardings=sharding.state_shardings(abstract_state, mesh))()
     return nnx.merge(gdef, state)
 
 

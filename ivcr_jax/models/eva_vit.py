@@ -148,8 +148,8 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, patch: int, width: int, *, dtype, param_dtype, rngs):
         self.patch, self.dtype = patch, dtype
-        self.kernel = make_param(rngs, nnx.initializers.lecun_normal(), (patch, patch, 3, width),
-                                 param_dtype, ("conv", "conv", "channels", "embed"))
+        self.kernel = make_param(rngs, normal_02, (patch, patch, 3, width), param_dtype,
+                                 ("conv", "conv", "channels", "embed"))
         self.bias = make_param(rngs, nnx.initializers.zeros, (width,), param_dtype, ("embed",))
 
     def __call__(self, pixels: jax.Array) -> jax.Array:  # [B, H, W, 3] -> [B, gh*gw, D]

@@ -120,7 +120,7 @@ class KVCache:
 
 
 class LlamaOutput(NamedTuple):
-    """What :meth:`Llama.__call__` returns when asked for more than logits.
+    """What :meth:`Llama.__call__` returns (a pytree, so it can leave ``jax.jit``).
 
     ``logits`` ``[B, S, V]`` fp32; ``hidden`` ``[B, S, D]`` the final-norm output (the ``lm_head``
     input) or None; ``cache`` the updated :class:`KVCache` or None.
@@ -232,10 +232,6 @@ class LlamaBlock(nnx.Module):
         return sharding.constrain(x, ("batch", "length", "embed")), cache
 
 
-def _block_train(block, x, cos, sin, mask, rng, *, is_causal):
-    return block(x, cos, sin, mask=mask, is_causal=is_causal, rng=rng)[0]
-
-
 class Llama(nnx.Module):
     """LLaMA-2 causal LM.
 
@@ -312,8 +308,8 @@ class Llama(nnx.Module):
           return_hidden: also return the final hidden states.
 
         Returns:
-          fp32 logits ``[B, S, V]`` when ``cache is None and not return_hidden``; otherwise a
-          :class:`LlamaOutput` ``(logits, hidden, cache)``.
+          :class:`LlamaOutput` ``(logits [B, S, V] fp32, hidden or None, updated cache or None)``;
+          ``model(input_ids).logits`` is the plain forward.
         """
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
@@ -346,12 +342,9 @@ class Llama(nnx.Module):
             kv = (cache.k, cache.v)
 
         rngs = layers.split_rng(rng, cfg.layers)
-        train_fn = functools.partial(_block_train, is_causal=is_causal)
-        if cfg.remat != "none" and cache is None:
-            train_fn = nnx.remat(train_fn, policy=_REMAT_POLICIES[cfg.remat])
         for l, block in enumerate(self.layers):
             if cache is None:
-                x = train_fn(block, x, cos, sin, mask, rngs[l])
+                x = _run_block(block, x, cos, sin, mask, rngs[l], is_causal=is_causal, remat=cfg.remat)
             else:
                 x, kv = block(x, cos, sin, mask=mask, is_causal=False, cache=kv, layer=l,
                               index=cache.index, rng=rngs[l])
@@ -363,11 +356,27 @@ class Llama(nnx.Module):
             w = self.lm_head.kernel[...].astype(self.dtype)
         logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
         logits = sharding.constrain(logits, ("batch", "length", "vocab"))
-        if cache is None and not return_hidden:
-            return logits
         new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], valid=valid,
                                                        index=cache.index + S)
         return LlamaOutput(logits, h if return_hidden else None, new_cache)
+
+
+def _run_block(block: LlamaBlock, x, cos, sin, mask, rng, *, is_causal: bool, remat: str):
+    """One block without a cache, rematerialised in the backward pass unless ``remat == "none"``.
+
+    Plain ``jax.checkpoint`` over the block's split state rather than ``nnx.remat``: the block
+    mutates nothing, and this also works when the caller differentiates a model rebuilt with
+    ``nnx.merge`` inside ``jax.grad``/``jax.jit`` (``nnx.remat`` then fails with a
+    ``TraceContextError``).
+    """
+    if remat == "none":
+        return block(x, cos, sin, mask=mask, is_causal=is_causal, rng=rng)[0]
+    graphdef, state = nnx.split(block)
+
+    def run(state, x, cos, sin, mask, rng):
+        return nnx.merge(graphdef, state)(x, cos, sin, mask=mask, is_causal=is_causal, rng=rng)[0]
+
+    return jax.checkpoint(run, policy=_REMAT_POLICIES[remat])(state, x, cos, sin, mask, rng)
 
 
 def _mask(key_valid: jax.Array, q_slot: jax.Array, k_slot: jax.Array) -> jax.Array:

@@ -53,7 +53,11 @@ class LoRAConfig:
 
     @classmethod
     def from_peft_config(cls, d: Mapping) -> "LoRAConfig":
-        """From a peft ``adapter_config.json`` dict (``r``, ``lora_alpha``, ...)."""
+        """From a peft ``adapter_config.json`` dict (``r``, ``lora_alpha``, ...); peft variants
+        that change the math (rsLoRA, DoRA, per-module ranks, LoRA biases) are refused."""
+        for flag in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "lora_bias"):
+            if d.get(flag):
+                raise NotImplementedError(f"peft option {flag}={d[flag]!r} is not supported")
         targets = d.get("target_modules") or cls.targets
         if isinstance(targets, str):  # peft also allows a regex; we only take plain names
             raise ValueError(f"regex target_modules {targets!r} is not supported; list the names")
@@ -94,12 +98,15 @@ class LoRADense(nnx.Module):
         self.lora_b = layers.make_param(rngs, nnx.initializers.zeros, (rank, out_features), lora_param_dtype,
                                         ("lora", names[1]), cls=nnx.LoRAParam)
         self.dropout = layers.Dropout(dropout)
+        self.merged = False  # set by merge_lora: the side path is folded into the kernel
 
     def __call__(self, x: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
         y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.merged:
+            return y
         h = jnp.dot(self.dropout(x, rng), self.lora_a[...].astype(self.dtype))
         return y + jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.scale, self.dtype)
 
@@ -114,15 +121,18 @@ def lora_modules(model: nnx.Module) -> Iterator[tuple[str, LoRADense]]:
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """Fold every adapter into its base kernel, in place: W += A B * scale, then B = 0.
 
-    Outputs are unchanged (up to the rounding of W's dtype), and inference pays no extra matmul
-    beyond the now-zero side path. Returns ``model``.
+    Outputs are unchanged (up to the rounding of W's dtype). Merged layers skip the side path, so
+    inference pays no extra matmul; merging twice is a no-op. Returns ``model``.
     """
     for _, mod in lora_modules(model):
+        if mod.merged:
+            continue
         w = mod.kernel[...]
         delta = jnp.dot(mod.lora_a[...].astype(jnp.float32), mod.lora_b[...].astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST) * mod.scale
         mod.kernel[...] = (w.astype(jnp.float32) + delta).astype(w.dtype)
         mod.lora_b[...] = jnp.zeros_like(mod.lora_b[...])
+        mod.merged = True
     return model
 
 

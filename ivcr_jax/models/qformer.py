@@ -10,8 +10,13 @@ Follows reference-architecture.md §2 (LAVIS / TimeChat ``Qformer.py``; HF ``Ins
 
 The output keeps the text positions, ``[B, Q+T, D]``: TimeChat/IVCR feed all of them to the video
 Q-Former (quirk 2 of §2, reproduced on purpose; callers slice ``[:, :Q]`` for InstructBLIP
-behaviour). A module built with ``num_query_tokens=0`` owns no queries; called without
-``query_embeds`` it is the text-only pass BLIP-2 uses for its ITC text features.
+behaviour). A module built with ``num_query_tokens=0`` owns no queries. Called with text and
+without ``query_embeds`` and image features, it is the text-only pass BLIP-2 uses for its ITC
+text features.
+
+TimeChat/IVCR tokenise the timestamp text with the LLaMA tokenizer and feed those ids to this
+BERT table (quirk 1 of §2; a data-side choice, the module just takes ids). An id outside the table
+is never clipped to a valid row: eager calls raise, traced calls produce NaN rows.
 
 The same classes, with ``has_text=False`` and ``cross_attention_freq=1``, form the query-only BERT
 inside the video Q-Former (``video_qformer.py``).
@@ -24,6 +29,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ivcr_jax import sharding
@@ -222,10 +228,13 @@ def _check_ids(input_ids, vocab_size: int) -> None:
     timestamp strings only use low LLaMA ids (< 30523), but other text could exceed the table; the
     lookup never clips an id to a valid row (``jnp.take`` fills out-of-range rows with NaN).
     """
-    if isinstance(input_ids, jax.core.Tracer):
+    try:
+        ids = np.asarray(input_ids)
+    except jax.errors.TracerArrayConversionError:   # traced: checked by the NaN rows instead
         return
-    hi = int(jnp.max(input_ids)) if input_ids.size else 0
-    lo = int(jnp.min(input_ids)) if input_ids.size else 0
+    if not ids.size:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
     if hi >= vocab_size or lo < 0:
         raise ValueError(f"input_ids out of the Q-Former vocabulary [0, {vocab_size}): min {lo}, max {hi}")
 
@@ -254,16 +263,16 @@ class QFormer(nnx.Module):
         input_ids: ``[B, T]`` text ids or None. attention_mask: ``[B, T]`` (text only; the queries
         are always attended) or ``[B, Q+T]`` (HF convention). encoder_hidden_states:
         ``[B, S, encoder_width]``; encoder_attention_mask: ``[B, S]`` (None = all keys valid).
-        query_embeds: ``[B, Q, D]``; None uses the module's own ``query_tokens`` if it has any,
-        otherwise the pass is text-only. rng: dropout key (None = deterministic).
+        query_embeds: ``[B, Q, D]``; None uses the module's own ``query_tokens`` when it has them
+        and ``encoder_hidden_states`` is given; otherwise the pass is text-only (BLIP-2's ITC text
+        features: no queries, no cross-attention). rng: dropout key (None = deterministic).
         """
-        if query_embeds is None and self.query_tokens is not None:
-            batch = input_ids.shape[0] if input_ids is not None else (
-                encoder_hidden_states.shape[0] if encoder_hidden_states is not None else 1)
-            query_embeds = jnp.broadcast_to(self.query_tokens[...],
-                                            (batch,) + tuple(self.query_tokens[...].shape[1:]))
+        if query_embeds is None and self.query_tokens is not None and encoder_hidden_states is not None:
+            query_embeds = jnp.broadcast_to(self.query_tokens[...], (encoder_hidden_states.shape[0],)
+                                            + tuple(self.query_tokens[...].shape[1:]))
         if query_embeds is None and input_ids is None:
-            raise ValueError("a Q-Former call needs query_embeds, own query tokens or input_ids")
+            raise ValueError("a Q-Former call needs query_embeds, encoder_hidden_states (with own query "
+                             "tokens) or input_ids")
         if input_ids is not None:
             _check_ids(input_ids, self.config.vocab_size)
         nq = 0 if query_embeds is None else query_embeds.shape[1]

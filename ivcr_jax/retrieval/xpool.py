@@ -61,6 +61,7 @@ class XPoolAttention(nnx.Module):
 
     def __init__(self, config: XPoolConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs | None = None):
+        rngs = None  # every initialiser is deterministic (identity / zeros)
         d = config.embed_dim
         self.num_heads = config.num_heads
         self.head_dim = d // config.num_heads
@@ -92,6 +93,9 @@ class XPool(nnx.Module):
     def __init__(self, config: XPoolConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs | None = None):
         self.config = config
+        # Every initialiser is deterministic (identity, zeros, ones, a constant), so no key is
+        # drawn: ``rngs`` is accepted for the common module signature only.
+        rngs = None
         d = config.embed_dim
         ln = dict(eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_norm1 = LayerNorm(d, **ln)

@@ -1,0 +1,72 @@
+"""Weight conversion CLI.
+
+    # the IVCR initialisation (reference-architecture §4): one checkpoint the model loads directly
+    python -m ivcr_jax.convert ivcr --config configs/paper.py \
+        --llama /weights/llama-2-7b-chat-hf --eva-vit /weights/eva_vit_g.pth \
+        --instructblip /weights/instruct_blip_vicuna7b_trimmed.pth \
+        --timechat /weights/timechat_7b.pth --videollama /weights/VL_LLaMA_2_7B_Finetuned.pth \
+        --out /weights/ivcr_init
+
+    # list the tensors of any checkpoint file or HF directory (names, shapes, dtypes)
+    python -m ivcr_jax.convert inspect /weights/timechat_7b.pth
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _inspect(path: str, limit: int) -> int:
+    from ivcr_jax.convert import common
+
+    p = Path(path)
+    items = common.read_hf_dir(p) if p.is_dir() else common.read_any(p)
+    n = total = 0
+    for name, arr in items:
+        if n < limit:
+            print(f"{name:90s} {str(tuple(arr.shape)):22s} {arr.dtype}")
+        n += 1
+        total += int(arr.size)
+    print(f"{n} tensors, {total:,} values")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ivcr_jax.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    iv = sub.add_parser("ivcr", help="released PyTorch weights -> one InterLLaVA checkpoint")
+    iv.add_argument("--config", default="configs/paper.py", help="configs/<file>.py[:arg] (its model node)")
+    iv.add_argument("--llama", required=True, help="HF LlamaForCausalLM directory (llama-2-7b-chat-hf)")
+    iv.add_argument("--eva-vit", required=True, help="LAVIS eva_vit_g.pth")
+    iv.add_argument("--instructblip", required=True, help="LAVIS instruct_blip_vicuna7b_trimmed.pth")
+    iv.add_argument("--timechat", required=True, help="timechat_7b.pth")
+    iv.add_argument("--videollama", default=None, help="VL_LLaMA_2_7B_Finetuned.pth (video_Qformer.* only)")
+    iv.add_argument("--out", required=True, help="output directory (must not hold a checkpoint)")
+    ins = sub.add_parser("inspect", help="list the tensors of a checkpoint file or HF directory")
+    ins.add_argument("path")
+    ins.add_argument("--limit", type=int, default=100000)
+    args = ap.parse_args(argv)
+
+    from ivcr_jax.convert.common import CheckpointError
+
+    try:
+        if args.cmd == "inspect":
+            return _inspect(args.path, args.limit)
+        from ivcr_jax.configs_loader import load_config
+        from ivcr_jax.convert.ivcr import save_ivcr
+        from ivcr_jax.models.build import model_config
+
+        cfg = model_config(load_config(args.config).model)
+        out = save_ivcr(cfg, args.out, llama=args.llama, eva_vit=args.eva_vit,
+                        instructblip=args.instructblip, timechat=args.timechat, videollama=args.videollama)
+        print(f"wrote {out}; train or evaluate with --config.init.converted={out}")
+        return 0
+    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""The Grain input pipeline: sample references → decoded, padded, static-shape numpy batches.
+
+Follows jax-codebases §3.5 / §3.6 (Grain dataset API, checkpointable iterators) and
+reference-architecture §8.2–§8.3 (what a sample holds). The chain is::
+
+    MapDataset.source(samples)
+      .seed(seed).shuffle().repeat(num_epochs)        # training only: a new order every epoch
+      .map_with_index(tag each element with its epoch)
+      [process_index::process_count]                  # per-process shard
+      .map(load)                                      # decode frames, build tokens, pad videos
+      .to_iter_dataset(ReadOptions(...))
+      .mp_prefetch(MultiprocessingOptions(num_workers))   # when num_workers > 0
+      .filter(count and drop skipped samples)         # training; runs in this process
+      .batch(batch_size, batch_fn=pad to a text bucket)
+
+``iter(pipeline)`` is a ``grain.DatasetIterator``: ``get_state`` / ``set_state`` and
+``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` (with Orbax) resume it exactly.
+Training frames are drawn with ``mode="random"`` from ``np.random.default_rng([seed, epoch,
+sample_id])``, so a resumed run decodes the same frames; evaluation uses ``mode="uniform"``.
+
+Static shapes. Text is right-padded to the smallest bucket of ``buckets`` that holds the batch's
+longest sample (the choice made here: pad each batch to its own bucket, which keeps the sample order
+— and so determinism and resumption — independent of lengths; a batch compiles one of
+``len(buckets)`` shapes). Videos are grouped by frame count (``"f12"``, ``"f96"``; one ``"f64"`` group
+in the HEAD setting); each group is padded to a fixed number of videos per sample (the config's caps,
+else the largest count any sample of the run needs) with ``video_mask``.
+
+Batch (all numpy; B = batch_size, S = bucket, V = group capacity, T = group frame count)::
+
+    input_ids          int32 [B, S]   pad = eos (2)
+    attention_mask     int32 [B, S]
+    labels             int32 [B, S]   -100 where not supervised; not shifted
+    video_token_index  int32 [B, S]   row in the sample's video-token sequence, -1 for text
+    videos: {group: {frames uint8 [B, V, T, H, W, 3], timestamp_ids int32 [B, V, T, L_ts],
+                     timestamp_mask int32 [B, V, T, L_ts], frame_mask bool [B, V, T],
+                     video_mask bool [B, V]}}
+    kind int32 [B] (0 chat, 1 retrieval, 2 moment)   target_index int32 [B] (0-based, -1)
+    gt_span float32 [B, 2] (-1)   duration float32 [B] (moment video, else -1)
+    sample_id int32 [B] (-1 for padding rows)   weight float32 [B] (0 for padding / skipped rows)
+
+The video-token sequence of a sample is, group by group in sorted group-name order, slot by slot
+(padded slots included), each video's ``n_tok = 32·ceil(T/32)`` tokens: the model computes
+``[B, V, n_tok, D]`` per group, flattens and concatenates the groups, and gathers with
+``video_token_index``. Timestamp texts are "This frame is sampled at {t} second." tokenised with
+the LLaMA tokenizer including BOS (TimeChat's quirk, reproduced on purpose: the released image
+Q-Former weights were trained on LLaMA ids fed to BERT embeddings), truncated to ``timestamp_len``
+(TimeChat: ``max_length=32``) and right-padded with the pad id 2 under ``timestamp_mask``.
+
+Batching runs in this process, after the (optional) worker processes: skipped samples are counted
+where the counters live and a batch is always full. Workers decode and pad each sample.
+
+A sample whose video is missing or corrupt (``frames.VideoError``), or that cannot fit even without
+history (``samples.SampleTooLong``), is skipped and counted (``Pipeline.stats``,
+``Pipeline.summary()``); the run goes on. In training it is filtered out; in evaluation it becomes a
+weight-0 row (its ``sample_id`` kept), so every process yields the same number of batches.
+
+Config (:class:`PipelineConfig`; :meth:`PipelineConfig.from_config` reads an ml_collections
+``config.data`` node with keys ``retrieval_frames, moment_frames, frame_size, timestamp_len,
+max_turns, max_sample_turns, max_len, text_buckets, max_retrieval_videos, max_moment_videos,
+workers, video_root, prepared`` — missing keys keep the defaults).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import threading
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ivcr_jax.data import frames as frames_lib
+from ivcr_jax.data.samples import (
+    IGNORE, Sample, SampleConfig, SampleRef, SampleTooLong, VideoRequest, build_sample, group_name,
+    kind_code, prefix_videos,
+)
+
+log = logging.getLogger(__name__)
+
+PAD_ID = 2  # LLaMA eos, the reference's pad
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Batching, decoding and parallelism; ``sample`` says how samples are built."""
+
+    sample: SampleConfig = SampleConfig()
+    batch_size: int = 1
+    buckets: tuple[int, ...] = (512, 1024, 2048, 4096)
+    frame_size: int = 224
+    timestamp_len: int = 32  # TimeChat: max_length=32, truncation=True
+    num_epochs: int | None = None  # training passes over the data; None = repeat forever
+    drop_remainder: bool = True  # training only; evaluation pads its last batch with weight-0 rows
+    num_workers: int = 0  # Grain worker processes (0: decode in this process)
+    worker_buffer_size: int = 1
+    read_threads: int = 1  # threads that run `load` when num_workers == 0 (each holds a sample)
+    read_prefetch: int = 2
+    decode_threads: int = 1  # decord threads per video
+    prepared: str | None = None  # a dataset written by ivcr_jax.data.prepare (else raw videos)
+
+    def __post_init__(self):
+        if not self.buckets or list(self.buckets) != sorted(self.buckets):
+            raise ValueError(f"buckets must be a non-empty increasing tuple, got {self.buckets}")
+        if self.sample.max_len > self.buckets[-1]:
+            raise ValueError(f"sample.max_len {self.sample.max_len} exceeds the largest text bucket "
+                             f"{self.buckets[-1]}; samples could not be padded to a static shape")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+    @classmethod
+    def from_config(cls, d: Any, **overrides) -> "PipelineConfig":
+        """From an ml_collections ``config.data`` node (or any mapping / attribute object)."""
+        def get(k, default):
+            try:
+                v = d[k] if isinstance(d, Mapping) else getattr(d, k)
+            except (KeyError, AttributeError):
+                return default
+            return default if v is None and default is not None else v
+
+        sc = SampleConfig()
+        sample = SampleConfig(
+            retrieval_frames=int(get("retrieval_frames", sc.retrieval_frames)),
+            moment_frames=int(get("moment_frames", sc.moment_frames)),
+            max_turns=int(get("max_turns", sc.max_turns)),
+            max_sample_turns=get("max_sample_turns", sc.max_sample_turns),
+            long_prefix=get("long_prefix", sc.long_prefix),
+            max_len=int(get("max_len", sc.max_len)),
+            max_retrieval_videos=get("max_retrieval_videos", None),
+            max_moment_videos=get("max_moment_videos", None),
+            video_root=get("video_root", None) or None,
+        )
+        kw = dict(
+            sample=sample,
+            buckets=tuple(int(b) for b in get("text_buckets", cls.buckets)),
+            frame_size=int(get("frame_size", cls.frame_size)),
+            timestamp_len=int(get("timestamp_len", cls.timestamp_len)),
+            num_workers=int(get("workers", cls.num_workers)),
+            prepared=get("prepared", None) or None,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+
+class RawVideos:
+    """Decodes videos from files with ``frames.load_frames``."""
+
+    def __init__(self, size: int, decode_threads: int = 1):
+        self.size, self.decode_threads = size, decode_threads
+
+    def load(self, req: VideoRequest, mode: str, rng: np.random.Generator | None) -> frames_lib.Frames:
+        return frames_lib.load_frames(req.path, req.num_frames, mode=mode, rng=rng, size=self.size,
+                                      num_threads=self.decode_threads)
+
+    def __repr__(self):
+        return f"RawVideos(size={self.size})"
+
+
+@dataclasses.dataclass
+class PipelineStats:
+    """Counts of what the pipeline skipped or shortened (as seen by this process since creation)."""
+
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    errors: list[str] = dataclasses.field(default_factory=list)
+    max_errors: int = 20
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def record(self, el: Mapping) -> None:
+        with self._lock:
+            if el.get("skip"):
+                self.counts[f"skipped_{el['skip']}"] += 1
+                if len(self.errors) < self.max_errors:
+                    self.errors.append(el.get("error", ""))
+                    log.warning("skipped sample %s: %s", el.get("sample_id"), el.get("error", ""))
+            elif el.get("pad_row"):
+                pass
+            else:
+                self.counts["samples"] += 1
+                if el.get("dropped_turns", 0):
+                    self.counts["samples_with_history_dropped"] += 1
+                    self.counts["history_turns_dropped"] += int(el["dropped_turns"])
+
+    @property
+    def skipped(self) -> int:
+        return sum(v for k, v in self.counts.items() if k.startswith("skipped_"))
+
+    def summary(self) -> str:
+        c = self.counts
+        parts = [f"{c['samples']} samples", f"{self.skipped} skipped"]
+        parts += [f"{k.removeprefix('skipped_')}: {v}" for k, v in sorted(c.items()) if k.startswith("skipped_")]
+        parts.append(f"{c['history_turns_dropped']} history turns dropped from "
+                     f"{c['samples_with_history_dropped']} over-long samples")
+        lines = ["input pipeline: " + ", ".join(parts)]
+        lines += [f"  e.g. {e}" for e in self.errors[:5]]
+        return "\n".join(lines)
+
+
+def group_frames(cfg: SampleConfig) -> dict[str, int]:
+    """Frame count of each video group of the config."""
+    return {group_name(n): n for n in (cfg.retrieval_frames, cfg.moment_frames)}
+
+
+def group_capacity(cfg: SampleConfig, samples: Sequence[SampleRef]) -> dict[str, int]:
+    """Videos per sample of each group: the config's caps, else the largest count in ``samples``."""
+    caps = cfg.group_capacity()
+    if any(v is None for v in caps.values()):
+        need: dict[str, int] = {g: 0 for g in caps}
+        for ref in samples:
+            if ref is None:
+                continue
+            counts = collections.Counter(v.group for v in prefix_videos(ref.dialogue, ref.turn_idx, cfg))
+            for g, n in counts.items():
+                need[g] = max(need[g], n)
+        caps = {g: (need[g] if c is None else c) for g, c in caps.items()}
+    return {g: max(int(c), 1) for g, c in caps.items()}  # at least one slot: static, non-empty shapes
+
+
+class _TagEpoch:
+    """``(index, ref)`` → ``(epoch, ref)`` for a dataset of ``n`` samples repeated."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, i: int, ref):
+        return i // self.n, ref
+
+
+class _Load:
+    """``(epoch, SampleRef | None)`` → one padded sample dict, or a skip record."""
+
+    def __init__(self, cfg: PipelineConfig, tokenizer, capacity: Mapping[str, int], train: bool, seed: int,
+                 videos):
+        self.cfg, self.tokenizer, self.capacity = cfg, tokenizer, dict(capacity)
+        self.train, self.seed, self.videos = train, int(seed), videos
+        self.group_frames = group_frames(cfg.sample)
+        self._ts_cache: dict[str, list[int]] = {}
+
+    def timestamp_tokens(self, t: float) -> list[int]:
+        text = frames_lib.timestamp_text(t)
+        ids = self._ts_cache.get(text)
+        if ids is None:
+            ids = list(self.tokenizer(text)["input_ids"])[: self.cfg.timestamp_len]  # with BOS
+            self._ts_cache[text] = ids
+        return ids
+
+    def __call__(self, item):
+        epoch, ref = item
+        if ref is None:
+            return {"pad_row": True}
+        scfg = self.cfg.sample
+        rng = np.random.default_rng([self.seed, int(epoch), int(ref.sample_id)]) if self.train else None
+        mode = "random" if self.train else "uniform"
+        decoded: dict[tuple[str, int], frames_lib.Frames] = {}
+        reqs = prefix_videos(ref.dialogue, ref.turn_idx, scfg)
+        try:
+            for r in reqs:
+                key = (r.path, r.num_frames)
+                if key not in decoded:  # a video shown twice in a sample is decoded once
+                    decoded[key] = self.videos.load(r, mode, rng)
+        except frames_lib.VideoError as e:
+            return {"skip": "video", "sample_id": ref.sample_id, "error": f"sample {ref.key}: {e}"}
+        timestamps = {r.turn: decoded[(r.path, r.num_frames)].timestamps for r in reqs if r.role == "moment"}
+        try:
+            s = build_sample(ref.dialogue, ref.turn_idx, self.tokenizer, scfg, timestamps=timestamps,
+                             sample_id=ref.sample_id)
+        except SampleTooLong as e:
+            return {"skip": "too_long", "sample_id": ref.sample_id, "error": str(e)}
+        return self.pack(s, decoded)
+
+    def pack(self, s: Sample, decoded) -> dict:
+        L, size = self.cfg.timestamp_len, self.cfg.frame_size
+        groups = {}
+        for g, T in self.group_frames.items():
+            V = self.capacity[g]
+            groups[g] = {
+                "frames": np.zeros((V, T, size, size, 3), np.uint8),
+                "timestamp_ids": np.full((V, T, L), PAD_ID, np.int32),
+                "timestamp_mask": np.zeros((V, T, L), np.int32),
+                "frame_mask": np.zeros((V, T), bool),
+                "video_mask": np.zeros((V,), bool),
+            }
+        duration = -1.0
+        for v, slot in zip(s.videos, s.video_slots()):
+            f = decoded[(v.path, v.num_frames)]
+            gr, n = groups[v.group], min(len(f.pixels), v.num_frames)
+            if f.pixels.shape[1:] != (size, size, 3):
+                raise ValueError(f"{v.path}: frames of shape {f.pixels.shape[1:]}, expected {(size, size, 3)}")
+            gr["frames"][slot, :n] = f.pixels[:n]
+            gr["frame_mask"][slot, :n] = True
+            gr["video_mask"][slot] = True
+            for i, t in enumerate(f.timestamps[:n]):
+                ids = self.timestamp_tokens(float(t))
+                gr["timestamp_ids"][slot, i, : len(ids)] = ids
+                gr["timestamp_mask"][slot, i, : len(ids)] = 1
+            if v.role == "moment" and v.turn == s.turn_idx:
+                duration = float(f.duration)
+        span = s.gt_span if s.gt_span is not None else (-1.0, -1.0)
+        return {
+            "input_ids": s.input_ids,
+            "labels": s.labels,
+            "video_token_index": s.video_token_index(self.capacity),
+            "videos": groups,
+            "kind": np.int32(kind_code(s.kind)),
+            "target_index": np.int32(s.target_index - 1 if s.target_index is not None else -1),
+            "gt_span": np.asarray(span, np.float32),
+            "duration": np.float32(duration),
+            "sample_id": np.int32(s.sample_id),
+            "weight": np.float32(1.0),
+            "dropped_turns": np.int32(s.dropped_turns),
+        }
+
+
+class _Batch:
+    """Stacks samples, pads text to a bucket and the batch to ``batch_size`` rows (weight 0)."""
+
+    def __init__(self, cfg: PipelineConfig, capacity: Mapping[str, int]):
+        self.cfg, self.capacity = cfg, dict(capacity)
+        self.group_frames = group_frames(cfg.sample)
+
+    def bucket(self, n: int) -> int:
+        for b in self.cfg.buckets:
+            if n <= b:
+                return b
+        raise ValueError(f"a sample of {n} tokens exceeds the largest bucket {self.cfg.buckets[-1]}")
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict:
+        cfg, B = self.cfg, self.cfg.batch_size
+        real = [r for r in rows if "input_ids" in r]
+        S = self.bucket(max([len(r["input_ids"]) for r in real], default=1))
+        L, size = cfg.timestamp_len, cfg.frame_size
+        out = {
+            "input_ids": np.full((B, S), PAD_ID, np.int32),
+            "attention_mask": np.zeros((B, S), np.int32),
+            "labels": np.full((B, S), IGNORE, np.int32),
+            "video_token_index": np.full((B, S), -1, np.int32),
+            "videos": {g: {
+                "frames": np.zeros((B, V, self.group_frames[g], size, size, 3), np.uint8),
+                "timestamp_ids": np.full((B, V, self.group_frames[g], L), PAD_ID, np.int32),
+                "timestamp_mask": np.zeros((B, V, self.group_frames[g], L), np.int32),
+                "frame_mask": np.zeros((B, V, self.group_frames[g]), bool),
+                "video_mask": np.zeros((B, V), bool),
+            } for g, V in sorted(self.capacity.items())},
+            "kind": np.zeros((B,), np.int32),
+            "target_index": np.full((B,), -1, np.int32),
+            "gt_span": np.full((B, 2), -1.0, np.float32),
+            "duration": np.full((B,), -1.0, np.float32),
+            "sample_id": np.full((B,), -1, np.int32),
+            "weight": np.zeros((B,), np.float32),
+        }
+        for i, r in enumerate(rows):
+            if "input_ids" not in r:  # a skipped sample (evaluation) or a padding row
+                if r.get("skip"):
+                    out["sample_id"][i] = r["sample_id"]
+                continue
+            n = len(r["input_ids"])
+            out["input_ids"][i, :n] = r["input_ids"]
+            out["attention_mask"][i, :n] = 1
+            out["labels"][i, :n] = r["labels"]
+            out["video_token_index"][i, :n] = r["video_token_index"]
+            for g, arrs in r["videos"].items():
+                for k, a in arrs.items():
+                    out["videos"][g][k][i] = a
+            for k in ("kind", "target_index", "gt_span", "duration", "sample_id", "weight"):
+                out[k][i] = r[k]
+        return out
+
+
+class Pipeline:
+    """A configured input pipeline. ``iter()`` gives a checkpointable ``grain.DatasetIterator``."""
+
+    def __init__(self, dataset, stats: PipelineStats, capacity: Mapping[str, int], num_local: int,
+                 cfg: PipelineConfig, train: bool):
+        self.dataset, self.stats, self.capacity = dataset, stats, dict(capacity)
+        self.num_local_samples, self.cfg, self.train = num_local, cfg, train
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches per process in evaluation (None in training: it depends on skips and epochs)."""
+        return None if self.train else math.ceil(self.num_local_samples / self.cfg.batch_size)
+
+    def summary(self) -> str:
+        return self.stats.summary()
+
+
+def make_pipeline(
+    cfg: PipelineConfig,
+    samples: Sequence[SampleRef],
+    *,
+    train: bool,
+    seed: int,
+    tokenizer,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    videos=None,
+) -> Pipeline:
+    """Build the Grain pipeline over ``samples`` (from :func:`samples.enumerate_samples`).
+
+    Args:
+      train: shuffle every epoch, sample frames at random, drop skipped samples; else one ordered
+        pass with uniform frames, skipped samples as weight-0 rows, last batch padded.
+      seed: the shuffle seed and the frame-sampling seed.
+      tokenizer: from ``ivcr_jax.tokenizer.load_tokenizer`` (must know ``<VIDEOTOKEN>``).
+      process_index / process_count: the shard to read (default: ``jax.process_index/count()``).
+      videos: where frames come from: an object with ``load(request, mode, rng) -> Frames``;
+        default ``prepare.PreparedVideos(cfg.prepared)`` when ``cfg.prepared`` is set, else
+        :class:`RawVideos` decoding the files.
+    """
+    import grain
+
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if not samples:
+        raise ValueError("no samples to iterate over")
+    if videos is None:
+        if cfg.prepared:
+            from ivcr_jax.data.prepare import PreparedVideos
+
+            videos = PreparedVideos(cfg.prepared, size=cfg.frame_size)
+        else:
+            videos = RawVideos(cfg.frame_size, cfg.decode_threads)
+    capacity = group_capacity(cfg.sample, samples)
+    stats = PipelineStats()
+    samples = list(samples)
+
+    if train:
+        n = len(samples)
+        ds = grain.MapDataset.source(samples).seed(seed).shuffle().repeat(cfg.num_epochs)
+        ds = ds.map_with_index(_TagEpoch(n))
+        ds = ds[process_index::process_count]
+        num_local = len(ds) if cfg.num_epochs is not None else -1
+    else:
+        local = samples[process_index::process_count]
+        per_process = math.ceil(len(samples) / process_count)
+        # Equal counts on every process, so that multi-host evaluation stays in lock-step.
+        local = [(0, r) for r in local] + [(0, None)] * (per_process - len(local))
+        ds = grain.MapDataset.source(local)
+        num_local = per_process
+    ds = ds.map(_Load(cfg, tokenizer, capacity, train, seed, videos))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_prefetch))
+    if cfg.num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+                                                         per_worker_buffer_size=cfg.worker_buffer_size))
+
+    def keep(el) -> bool:
+        stats.record(el)
+        return not (train and el.get("skip"))
+
+    it = it.filter(keep)
+    it = it.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder if train else False,
+                  batch_fn=_Batch(cfg, capacity))
+    return Pipeline(it, stats, capacity, num_local, cfg, train)
+
+
+__all__ = ["PipelineConfig", "Pipeline", "PipelineStats", "RawVideos", "make_pipeline", "group_capacity",
+           "group_frames", "PAD_ID"]

@@ -1,0 +1,271 @@
+"""Evaluation reports: metrics.json, report.md, a terminal table and PNG charts.
+
+The headline table has the columns of paper Table 2 (R@1, R@10, R@1 IoU=0.3/0.5/0.7, BLEU-4); the
+per-turn tables are paper Table 4, with the cascade variant of the older `conv_cal.py`
+(reference-architecture §8.5). Response times per stage ("retrieval", "prefill", "decode") are
+summarised as mean / p50 / p95 beside the paper's anchors (appendix Table 6, one RTX 4090: 0.06 s
+retrieval, 0.59–0.80 s MLLM per query).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "HEADLINE_COLUMNS",
+    "timing_summary",
+    "format_table",
+    "markdown_report",
+    "write_charts",
+    "write_report",
+]
+
+HEADLINE_COLUMNS = ("R@1", "R@10", "R@1 IoU=0.3", "R@1 IoU=0.5", "R@1 IoU=0.7", "mIoU", "BLEU-4")
+STAGES = ("retrieval", "prefill", "decode")
+# Appendix Table 6 (average response time per query on RTX 4090, 1008–2436 test samples).
+PAPER_TIMES_S = {"retrieval": "0.06", "MLLM (prefill + decode)": "0.59–0.80", "total": "0.65–0.86"}
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _headline_cols(results: Mapping) -> list[str]:
+    cols = []
+    for c in HEADLINE_COLUMNS:
+        if c.startswith("R@1 IoU="):
+            continue
+        cols.append(c)
+        if c == "R@10":
+            cols.extend(f"R@1 IoU={t:g}" for t in results.get("thresholds", (0.3, 0.5, 0.7)))
+    return cols
+
+
+def _per_turn_cols(results: Mapping) -> list[str]:
+    th = results.get("thresholds", (0.3, 0.5, 0.7))
+    return ["n_retrieval", "R@1", "n_moment", *(f"R@1 IoU={t:g}" for t in th), "mIoU"]
+
+
+def timing_summary(timings: Mapping[str, Sequence[float]] | None) -> dict[str, dict]:
+    """Per stage: n, mean, p50, p95 (seconds). Stages with no samples are left out."""
+    out = {}
+    for stage, xs in (timings or {}).items():
+        arr = np.asarray([float(x) for x in xs if x is not None], dtype=np.float64)
+        if arr.size == 0:
+            continue
+        out[stage] = {
+            "n": int(arr.size),
+            "mean": float(arr.mean()),
+            "p50": float(np.percentile(arr, 50)),
+            "p95": float(np.percentile(arr, 95)),
+        }
+    if "prefill" in out and "decode" in out:
+        pre, dec = timings["prefill"], timings["decode"]
+        if len(pre) == len(dec):
+            # Per query, MLLM time is prefill + decode (the paper's "MLLM" column).
+            out["MLLM (prefill + decode)"] = timing_summary({"x": [a + b for a, b in zip(pre, dec)]})["x"]
+    return out
+
+
+# ----------------------------------------------------------------------------- plain text ---
+
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def format_table(results: Mapping, timings: Mapping[str, Sequence[float]] | None = None) -> str:
+    """A plain-text summary for the terminal: headline rows, per-turn tables, intent, timings."""
+    cols = _headline_cols(results)
+    parts = []
+    rows = []
+    for scope in ("evaluated", "end_to_end"):
+        m = results[scope]
+        rows.append([scope, *(_fmt(m.get(c), 4 if c == "BLEU-4" else 2) for c in cols),
+                     str(m["n_retrieval"]), str(m["n_moment"]), str(m["n_answered"])])
+    parts.append(_text_table(["scope", *cols, "n_ret", "n_mom", "n_answered"], rows))
+    ptc = _per_turn_cols(results)
+    for key, title in (("per_turn", "per turn (end to end)"), ("per_turn_cascade", "per turn, cascade rule (end to end)")):
+        trs = results[key]["end_to_end"]
+        parts.append(title + ":\n" + _text_table(["turn", *ptc], [[r["turn"], *(_fmt(r.get(c)) for c in ptc)] for r in trs]))
+    it = results.get("intent", {})
+    if it.get("n"):
+        parts.append(f"intent accuracy: {_fmt(it['accuracy'])}% over {it['n']} answered turns")
+    pf = results.get("parse_failures", {})
+    pr = results.get("predictions", {})
+    parts.append(f"unparseable answers: retrieval {pf.get('retrieval', 0)}, moment {pf.get('moment', 0)}; "
+                 f"predictions matched {pr.get('matched', 0)}/{pr.get('n', 0)}")
+    ts = timing_summary(timings)
+    if ts:
+        parts.append("response time (s):\n" + _text_table(
+            ["stage", "n", "mean", "p50", "p95"],
+            [[k, str(v["n"]), _fmt(v["mean"], 3), _fmt(v["p50"], 3), _fmt(v["p95"], 3)] for k, v in ts.items()]))
+    return "\n\n".join(parts)
+
+
+# ------------------------------------------------------------------------------- markdown ---
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def markdown_report(results: Mapping, timings: Mapping[str, Sequence[float]] | None = None,
+                    charts: Sequence[str] = (), title: str = "IVCR evaluation") -> str:
+    """The Markdown report (``report.md``)."""
+    cols = _headline_cols(results)
+    lines = [f"# {title}", ""]
+    nd = results.get("n_dialogues", {})
+    lines.append(f"History: {results.get('history')} · matched by {results.get('match')} · language "
+                 f"{results.get('lang')} · dialogues evaluated {nd.get('evaluated')} / test split "
+                 f"{nd.get('end_to_end')}.")
+    lines += ["", "Recalls, mIoU and intent accuracy in %; BLEU-4 as a fraction (as in paper Table 2; "
+              "sacrebleu score / 100). `evaluated`: turns with a prediction; `end_to_end`: every test "
+              "turn, a missing prediction counting as a failure.", ""]
+    rows = []
+    for scope in ("evaluated", "end_to_end"):
+        m = results[scope]
+        rows.append([scope, *(_fmt(m.get(c), 4 if c == "BLEU-4" else 2) for c in cols),
+                     str(m["n_retrieval"]), str(m["n_moment"]), str(m["n_answered"])])
+    lines += ["## Headline (paper Table 2 columns)", "",
+              _md_table(["scope", *cols, "retrieval turns", "moment turns", "answered"], rows), ""]
+    ptc = _per_turn_cols(results)
+    for key, title_ in (("per_turn", "Per turn (paper Table 4, ground-truth history)"),
+                        ("per_turn_cascade", "Per turn, cascade rule (a failed retrieval turn fails every later turn)")):
+        lines += [f"## {title_}", ""]
+        for scope in ("end_to_end", "evaluated"):
+            trs = results[key][scope]
+            lines += [f"**{scope}**", "",
+                      _md_table(["turn", *ptc], [[r["turn"], *(_fmt(r.get(c)) for c in ptc)] for r in trs]), ""]
+    it = results.get("intent", {})
+    if it.get("n"):
+        lines += ["## Intent", "",
+                  f"Accuracy {_fmt(it['accuracy'])}% over {it['n']} answered turns "
+                  f"(per kind: {', '.join(f'{k} {_fmt(v)}%' for k, v in it['per_kind'].items())}).", ""]
+        kinds = sorted({p for row in it["confusion"].values() for p in row})
+        lines += [_md_table(["ground truth \\ parsed", *kinds],
+                            [[g, *(str(row.get(p, 0)) for p in kinds)] for g, row in it["confusion"].items()]), ""]
+    pf, pr = results.get("parse_failures", {}), results.get("predictions", {})
+    lines += ["## Parsing and matching", "",
+              f"- unparseable answers: retrieval {pf.get('retrieval', 0)}, moment {pf.get('moment', 0)} (scored as misses)",
+              f"- predictions: {pr.get('n', 0)}, matched {pr.get('matched', 0)}, unmatched {pr.get('unmatched', 0)}"
+              + (f" (e.g. {', '.join(map(str, pr.get('unmatched_examples', [])))})" if pr.get("unmatched") else ""),
+              f"- keys shared by several turns: {pr.get('keys_shared_by_several_turns', 0)}"]
+    for k, v in results.get("input", {}).items():
+        lines.append(f"- {k}: {v}")
+    lines.append("")
+    ts = timing_summary(timings)
+    if ts:
+        lines += ["## Response time per query (seconds)", "",
+                  _md_table(["stage", "n", "mean", "p50", "p95"],
+                            [[k, str(v["n"]), _fmt(v["mean"], 3), _fmt(v["p50"], 3), _fmt(v["p95"], 3)]
+                             for k, v in ts.items()]), "",
+                  "Paper anchors (appendix Table 6, one RTX 4090, mean per query): "
+                  + ", ".join(f"{k} {v} s" for k, v in PAPER_TIMES_S.items()) + ".", ""]
+    if charts:
+        lines += ["## Charts", ""] + [f"![{Path(c).stem}]({Path(c).name})" for c in charts] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- charts ---
+
+def write_charts(results: Mapping, out_dir: str | Path,
+                 timings: Mapping[str, Sequence[float]] | None = None) -> list[Path]:
+    """PNG charts: per-turn R@1 / IoU bars (plain and cascade), IoU histogram, latency box plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    th = results.get("thresholds", (0.3, 0.5, 0.7))
+    metrics = ["R@1", *(f"R@1 IoU={t:g}" for t in th)]
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for ax, key, name in zip(axes, ("per_turn", "per_turn_cascade"), ("ground-truth history", "cascade rule")):
+        rows = [r for r in results[key]["end_to_end"] if r["turn"] != "all"]
+        x = np.arange(len(rows))
+        w = 0.8 / len(metrics)
+        for i, m in enumerate(metrics):
+            vals = [r.get(m) if r.get(m) is not None else 0.0 for r in rows]
+            ax.bar(x + (i - (len(metrics) - 1) / 2) * w, vals, w, label=m)
+        ax.set_xticks(x, [r["turn"] for r in rows])
+        ax.set_xlabel("turn")
+        ax.set_title(f"per turn, end to end ({name})")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("%")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / "per_turn.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    written.append(p)
+
+    ious = [t["iou"] for t in results.get("turns", []) if t.get("kind") == "moment" and t.get("answered")
+            and t.get("iou") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(ious, bins=np.linspace(0.0, 1.0, 21), color="tab:blue", edgecolor="white")
+    for t in th:
+        ax.axvline(t, color="tab:red", ls="--", lw=1)
+    ax.set_xlabel("IoU (answered moment turns)")
+    ax.set_ylabel("turns")
+    ax.set_title(f"IoU histogram (n={len(ious)})")
+    fig.tight_layout()
+    p = out_dir / "iou_hist.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    written.append(p)
+
+    timings = timings or {}
+    names = [k for k in STAGES if k in timings] + [k for k in timings if k not in STAGES]
+    stages = [(k, [float(x) for x in timings[k]]) for k in names if len(timings[k])]
+    if stages:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.boxplot([v for _, v in stages], showfliers=True)
+        ax.set_xticks(range(1, len(stages) + 1), [k for k, _ in stages])
+        ax.set_ylabel("seconds per query")
+        ax.set_title("response time per stage")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        p = out_dir / "latency.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+def write_report(results: Mapping, out_dir: str | Path, *, timings: Mapping[str, Sequence[float]] | None = None,
+                 charts: bool = True, title: str = "IVCR evaluation") -> dict[str, Path]:
+    """Write ``metrics.json`` (everything but the per-turn records, plus the timing summary),
+    ``turn_scores.jsonl`` (one scored turn per line), ``report.md`` and, with ``charts``, the PNGs.
+    Returns the written paths by name."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    summary = {k: v for k, v in results.items() if k != "turns"}
+    ts = timing_summary(timings)
+    if ts:
+        summary["timings"] = ts
+    paths["metrics"] = out_dir / "metrics.json"
+    paths["metrics"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths["turn_scores"] = out_dir / "turn_scores.jsonl"
+    with open(paths["turn_scores"], "w", encoding="utf-8") as f:
+        for t in results.get("turns", []):
+            f.write(json.dumps(t, ensure_ascii=False) + "\n")
+    pngs = write_charts(results, out_dir, timings) if charts else []
+    for p in pngs:
+        paths[p.stem] = p
+    paths["report"] = out_dir / "report.md"
+    paths["report"].write_text(markdown_report(results, timings, [p.name for p in pngs], title=title), encoding="utf-8")
+    return paths

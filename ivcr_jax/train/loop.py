@@ -1,0 +1,174 @@
+"""The training loop, top to bottom (after big_vision's ``train.py``).
+
+    python -m ivcr_jax.train --config configs/demo.py --workdir runs/demo
+
+Sections: mesh → input pipeline → model (frozen / trainable split) → optimizer → restore or
+initialise → compiled step → loop (step, log, checkpoint). A resumed run (same workdir)
+continues from the latest complete checkpoint with the data iterator where it stood, so its
+losses equal those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ivcr_jax import distributed, sharding
+from ivcr_jax.models import build
+from ivcr_jax.train import checkpoint as ckpt_lib
+from ivcr_jax.train import data as data_lib
+from ivcr_jax.train import logging as log_lib
+from ivcr_jax.train import losses, optim, step as step_lib
+from ivcr_jax.train.params import count, trainable_filter
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+class _Preemption:
+    """SIGTERM → finish the current step, save, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def train(config, workdir: str | Path, *, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train ``config`` in ``workdir``; returns a summary (losses per step, final step)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc = config.train
+
+    # --- mesh and devices ---
+    distributed.initialize()
+    mesh = sharding.make_mesh(config.mesh)
+
+    # --- input pipeline ---
+    tokenizer = data_lib.tokenizer(config)
+    data = data_lib.train_data(config, tokenizer)
+
+    # --- model, frozen and trainable parts ---
+    mcfg = build.model_config(config.model)
+    with sharding.use_mesh(mesh):
+        model = build.build_model(mcfg, mesh=mesh, seed=config.seed)
+        if config.init.converted:
+            build.load_converted(model, config.init.converted)
+    graphdef, params, frozen = nnx.split(model, trainable_filter(config.trainable), ...)
+    del model
+    n_train, n_frozen = count(params), count(frozen)
+    if n_train == 0:
+        raise ValueError(f"config.trainable {tuple(config.trainable)} selects no parameter")
+
+    # --- optimizer and schedule ---
+    tx, schedule = optim.make_optimizer(tc, params)
+
+    # --- restore or initialise ---
+    state_sh = _state_shardings(params, tx, config.seed, mesh)
+    state = jax.jit(lambda p: step_lib.init_state(p, tx, config.seed), out_shardings=state_sh)(params)
+    del params
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
+    start = 0
+    if ckpt.latest_step() is not None:
+        start = int(ckpt.latest_step())
+        state = ckpt.restore(start, ckpt_lib.abstract_like(state), data.iterator)
+    total = int(tc.steps if max_steps is None else min(tc.steps, max_steps))
+
+    # --- the compiled step ---
+    step_fn = step_lib.jit_train_step(step_lib.make_train_step(
+        graphdef, tx, schedule, aux_mode=tc.aux_loss_mode, alpha=tc.alpha, beta=tc.beta,
+        digit_ids=data_lib.digit_ids(tokenizer)))
+
+    # --- loop: step, log, checkpoint ---
+    logger = log_lib.Logger(workdir, enabled=jax.process_index() == 0, total=total, start=start,
+                            progress=progress)
+    logger.info(f"trainable {n_train:,} / frozen {n_frozen:,} parameters; mesh {dict(mesh.shape)}; "
+                f"start step {start}")
+    history = []
+    with _Preemption() as pre:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            host_batch = next(data.iterator)
+            batch = data_lib.to_device(host_batch, mesh)
+            with sharding.use_mesh(mesh):
+                state, metrics, pred = step_fn(state, frozen, batch)
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not m.pop("finite"):
+                ckpt.wait()
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {step + 1} (loss {m['loss']}, grad norm {m['grad_norm']}); "
+                    f"the state was not updated and the last good checkpoint "
+                    f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact")
+            if tc.aux_loss_mode == "faithful":
+                aux = losses.faithful_aux(jax.device_get(pred), host_batch, tokenizer)
+                m["loss/video"], m["loss/moment"] = aux["video"], aux["moment"]
+                m["loss"] = m["loss/lm"] + tc.alpha * aux["video"] + tc.beta * aux["moment"]
+            dt = time.perf_counter() - t0
+            m["step_time"] = dt
+            m["tokens_per_s"] = m["tokens"] / dt
+            history.append({"step": step + 1, **m})
+            logger.step(step + 1, m)
+            last = step + 1 == total
+            if (step + 1) % tc.ckpt_every == 0 or last or pre.requested or ckpt.reached_preemption(step + 1):
+                ckpt.save(step + 1, state, data.iterator, force=True)
+            if pre.requested:
+                logger.info(f"SIGTERM: saved step {step + 1}, exiting")
+                break
+    ckpt.close()
+    logger.close(data.report())
+    return {"history": history, "final_step": start + len(history), "workdir": str(workdir)}
+
+
+def _state_shardings(params, tx, seed, mesh):
+    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, seed), params)
+    param_sh = sharding.state_shardings(params, mesh)
+
+    def sh(x):
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    out = jax.tree.map(sh, abstract)
+    out["params"] = param_sh
+    # Adam moments mirror the params' structure: shard them the same way.
+    out["opt"] = _opt_shardings(abstract["opt"], param_sh, mesh)
+    return out
+
+
+def _opt_shardings(opt_abstract, param_sh, mesh):
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    p_struct = jax.tree.structure(param_sh)
+
+    def walk(node):
+        try:
+            if jax.tree.structure(node) == p_struct:
+                return param_sh
+        except Exception:
+            pass
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*[walk(c) for c in node])
+        if isinstance(node, (tuple, list)):
+            return type(node)(walk(c) for c in node)
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        return jax.tree.map(lambda _: rep, node)
+    return walk(opt_abstract)
