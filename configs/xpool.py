@@ -31,6 +31,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.index.query_pool = "mean"                 # BLIP-2: "mean" of the 32 query vectors | "none" (keep all)
     c.index.shard_size = 256
     c.index.dtype = "float16"                   # stored frame tokens; first-stage means are float32
+    # BLIP-2 parameters and compute: bfloat16 on GPU/TPU (the reference runs the ViT in fp16);
+    # float32 on CPU, whose XLA backend has no fast bf16 matmul.
+    c.index.compute_dtype = "float32"
     if tiny:
         c.index.extractor = dict(kind="colour_hist", bins=4, num_frames=12, frame_size=32, dim=64)
     else:
@@ -46,7 +49,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # --- training ---
     c.train = mlc.ConfigDict()
     c.train.batch_size = 16 if tiny else 32
-    c.train.epochs = 30 if tiny else 5
+    c.train.epochs = 10 if tiny else 5
     c.train.steps = 0                           # > 0 overrides epochs
     c.train.lr = 3e-3 if tiny else 1e-5
     c.train.lr_logit_scale = 3e-3 if tiny else 1e-6

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from ivcr_jax import sharding
 from ivcr_jax.convert.common import flat_state
@@ -75,6 +74,12 @@ def test_first_stage_topk_equals_numpy_brute_force():
     rows, scores = fs.search(queries[:2], 60)
     _check_topk(rows, scores, queries[:2].astype(np.float64) @ emb.T.astype(np.float64), 60)
     assert (rows >= 0).all() and (rows < 203).all()    # never a padding row
+    # blocked scan inside each shard (26 rows -> 4 blocks of 8), k smaller and larger than a block
+    blocked = FirstStage(emb, block_rows=8, score_budget=16)
+    assert (blocked.block, blocked.local) == (8, 32)
+    for k in (5, 12):
+        rows, scores = blocked.search(queries, k)
+        _check_topk(rows, scores, queries.astype(np.float64) @ emb.T.astype(np.float64), k)
 
 
 def test_sharded_search_equals_single_device():
@@ -156,8 +161,8 @@ def test_training_on_demo_corpus_lifts_recall_and_resumes(tmp_path):
     """Colour-histogram frame features + hashed-word text features of the demo corpus (44 videos).
 
     The two feature spaces are unrelated before training (chance R@10 = 10/44 = 23 %); X-Pool's
-    projections have to learn the map from colours to words. Measured: train R@10 100 %, test
-    (14 held-out questions) R@10 57 %.
+    projections have to learn the map from colours to words. Measured after 40 steps: test (14
+    held-out questions) R@10 71 % (identity-initialised X-Pool: 29 %), train R@10 88 %.
     """
     from ivcr_jax.configs_loader import load_config
     from ivcr_jax.data.demo import build_demo_corpus
@@ -176,27 +181,27 @@ def test_training_on_demo_corpus_lifts_recall_and_resumes(tmp_path):
     texts, rows = retrieval_pairs(corpus / "ivcr.json", index, "test")
     before = t2v_metrics(similarity_matrix(XPool(XPoolConfig(embed_dim=64)), enc(texts), index.all_frames()), rows)
 
-    cfg.train.ckpt_every = 40
+    cfg.train.ckpt_every = 10
     res = train(cfg, tmp_path / "idx", corpus / "ivcr.json", tmp_path / "run", log=lambda s: None)
     ev = res["eval"]
-    assert res["step"] == 120 and res["losses"][-1] < 0.5 * res["losses"][0]
+    assert res["step"] == 40 and res["losses"][-1] < 0.5 * res["losses"][0]
     assert ev["xpool/R10"] >= 45.0 and ev["xpool/R10"] >= before["R10"] + 20.0, (before, ev)
     assert ev["two_stage/R10"] == ev["xpool/R10"]                      # rerank_k (100) >= 44 videos
     train_texts, train_rows = retrieval_pairs(corpus / "ivcr.json", index, "train")
     model = load_xpool(tmp_path / "run")
-    assert t2v_metrics(similarity_matrix(model, enc(train_texts), index.all_frames()), train_rows)["R10"] >= 90.0
+    assert t2v_metrics(similarity_matrix(model, enc(train_texts), index.all_frames()), train_rows)["R10"] >= 80.0
 
     # the exported model drives the retriever that writes candidate lists for the LLM stage
     ret = Retriever.load(tmp_path / "idx", tmp_path / "run")
     stats = write_candidates(corpus / "ivcr.json", None, None, tmp_path / "cands.json", retriever=ret)
     assert stats["turns"] == 86 and stats["R10"] > 60.0
 
-    # a run killed after step 50 resumes from its step-40 checkpoint and ends with the same losses
+    # a run killed at step 20 (before its checkpoint) resumes from step 10 with the same losses
     def die(msg):
-        if msg.startswith("[xpool] step 50/"):
+        if msg.startswith("[xpool] step 20/"):
             raise _Interrupt()
     with pytest.raises(_Interrupt):
         train(cfg, tmp_path / "idx", corpus / "ivcr.json", tmp_path / "run2", log=die)
     again = train(cfg, tmp_path / "idx", corpus / "ivcr.json", tmp_path / "run2", log=lambda s: None,
                   evaluate_at_end=False)
-    np.testing.assert_allclose(again["losses"], res["losses"][40:], rtol=1e-5)
+    np.testing.assert_allclose(again["losses"], res["losses"][10:], rtol=1e-5)

@@ -79,10 +79,11 @@ def test_pooling_and_sims_match_numpy_reference(heads):
     ref = _np_xpool_pool(_weights(model), text.astype(np.float64), frames.astype(np.float64), heads, 1e-5)
     assert pooled.shape == (4, 3, 16)                       # [num_vids, num_texts, D]
     np.testing.assert_allclose(pooled, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
-    sims = np.asarray(_run(model, jnp.asarray(text), jnp.asarray(frames)))
-    tn = text / np.linalg.norm(text, axis=-1, keepdims=True)          # raw text, not LN1(text)
-    rn = ref / np.linalg.norm(ref, axis=-1, keepdims=True)
-    np.testing.assert_allclose(sims, np.einsum("td,vtd->tv", tn, rn), atol=2e-5)
+    if heads == 1:   # the similarity on top of the pooling (one compilation is enough)
+        sims = np.asarray(_run(model, jnp.asarray(text), jnp.asarray(frames)))
+        tn = text / np.linalg.norm(text, axis=-1, keepdims=True)      # raw text, not LN1(text)
+        rn = ref / np.linalg.norm(ref, axis=-1, keepdims=True)
+        np.testing.assert_allclose(sims, np.einsum("td,vtd->tv", tn, rn), atol=2e-5)
 
 
 def test_identity_initialisation_and_logit_scale():

@@ -163,18 +163,27 @@ class PipelineStats:
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     errors: list[str] = dataclasses.field(default_factory=list)
     max_errors: int = 20
+    # A run that only ever skips (a wrong video root, a corrupt corpus) would otherwise spin
+    # forever in training: stop it with the reasons instead.
+    max_consecutive_skips: int = 1000
+    _run: int = 0
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def record(self, el: Mapping) -> None:
         with self._lock:
             if el.get("skip"):
                 self.counts[f"skipped_{el['skip']}"] += 1
+                self._run += 1
                 if len(self.errors) < self.max_errors:
                     self.errors.append(el.get("error", ""))
                     log.warning("skipped sample %s: %s", el.get("sample_id"), el.get("error", ""))
+                if self._run >= self.max_consecutive_skips:
+                    raise RuntimeError(f"{self._run} consecutive samples were skipped; is the video root "
+                                       f"right?\n{self.summary()}")
             elif el.get("pad_row"):
                 pass
             else:
+                self._run = 0
                 self.counts["samples"] += 1
                 if el.get("dropped_turns", 0):
                     self.counts["samples_with_history_dropped"] += 1

@@ -24,11 +24,12 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ivcr_jax.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--annotations", required=True, help="IVCR-200K dialogue JSON")
+    p.add_argument("--annotations", help="IVCR-200K dialogue JSON (model mode: default config.data.annotations)")
     p.add_argument("--split", default="test", help="split to score (default: test)")
     p.add_argument("--lang", default="en", choices=("en", "zh"), help="answer language; selects the BLEU tokenizer")
     p.add_argument("--predictions", help="predictions JSONL; without it a model is run (see --config)")
-    p.add_argument("--out", required=True, help="output directory for metrics.json, report.md and charts")
+    p.add_argument("--out", help="output directory for metrics.json, report.md and charts (model mode: default "
+                                "<workdir>/eval_<split> or ./eval_<split>)")
     p.add_argument("--match", default="text_id", choices=("text_id", "question"),
                    help="match predictions to turns by text_id (default) or by the exact user question "
                         "(the reference's matching)")
@@ -41,6 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     # --- model-driven mode (implemented in ivcr_jax.eval.run_model) ---
     p.add_argument("--config", help="[model mode] experiment config, e.g. configs/paper.py:tiny")
     p.add_argument("--checkpoint", help="[model mode] checkpoint directory to evaluate")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="[model mode] config override, e.g. --set data.moment_frames=32 (repeatable)")
+    p.add_argument("--max-samples", type=int, help="[model mode] evaluate only the first N samples (dialogue order)")
+    p.add_argument("--batch-size", type=int, default=1, help="[model mode] prompts per generation batch (default 1)")
+    p.add_argument("--max-new-tokens", type=int, help="[model mode] answer budget (default config.eval.max_new_tokens "
+                                                     "or 512)")
+    p.add_argument("--temperature", type=float, default=0.0, help="[model mode] 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="[model mode] nucleus sampling mass (with --temperature)")
+    p.add_argument("--seed", type=int, help="[model mode] sampling seed (default config.seed)")
+    p.add_argument("--video-root", help="[model mode] directory the JSON's video paths are relative to")
+    p.add_argument("--index", help="[model mode] retriever index directory: time retrieval per retrieval turn")
+    p.add_argument("--retriever-model", help="[model mode] exported X-Pool for --index")
+    p.add_argument("--mesh", action="store_true", help="[model mode] shard the model over config.mesh")
+    p.add_argument("--video-slots", default="bucketed", choices=("bucketed", "cap"),
+                   help="[model mode] pad video groups to 1/2/10k slots (default) or always to the config cap")
     return p
 
 
@@ -60,6 +76,10 @@ def score_file(args) -> int:
     from ivcr_jax.eval.metrics import PredictionsFormatError, evaluate_predictions, read_predictions
     from ivcr_jax.eval.report import format_table, write_report
 
+    for name in ("annotations", "out"):
+        if not getattr(args, name):
+            print(f"error: --{name} is required with --predictions", file=sys.stderr)
+            return 2
     for name in ("annotations", "predictions"):
         if not Path(getattr(args, name)).is_file():
             print(f"error: --{name} {getattr(args, name)}: no such file", file=sys.stderr)

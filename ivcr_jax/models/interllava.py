@@ -121,7 +121,11 @@ class InterLLaVA(nnx.Module):
             text_ok = pos[None, :] < lens[:, None]                                   # [BV, L]
             token_mask = jnp.concatenate(
                 [jnp.ones((b * v, q), bool), text_ok], axis=-1)[:, None, :].repeat(t, axis=1)
-        frame_mask = group["frame_mask"].reshape(b * v, t)
+        frame_mask = group["frame_mask"].reshape(b * v, t).astype(bool)
+        # A padding slot has no valid frame: fully masked attention would give NaN, and NaN in
+        # an unused branch still poisons gradients. Its tokens are never gathered, so let it
+        # attend to its (zero) frames instead.
+        frame_mask = frame_mask | ~frame_mask.any(-1, keepdims=True)
         vid = self.video_qformer(tok, frame_mask=frame_mask, token_mask=token_mask, rng=r2)
         vid = self.llama_proj(vid)                                                   # [BV, n, D]
         return vid.reshape(b, v * vid.shape[1], vid.shape[-1])

@@ -184,11 +184,12 @@ class Blip2ITC(nnx.Module):
         h = self.qformer(input_ids, attention_mask)                   # no queries, no cross-attention
         return _l2n_jax(self.text_projection(h[:, 0]))
 
-    def itc_similarity(self, pixels: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """BLIP-2's ITC score ``[B_img, B_txt]``: the max over queries of the cosine similarity."""
-        img = self.image_embeds(pixels)
-        txt = self.text_embeds(input_ids, attention_mask)
-        return jnp.einsum("bqe,te->bqt", img, txt).max(axis=1)
+
+def itc_similarity(image_embeds, text_embeds):
+    """BLIP-2's ITC score ``[B_img, B_txt]`` from query features ``[B_img, Q, E]`` and text features
+    ``[B_txt, E]`` (both normalised): the max over queries of the cosine similarity."""
+    return np.einsum("bqe,te->bqt", np.asarray(image_embeds, np.float32),
+                     np.asarray(text_embeds, np.float32)).max(axis=1)
 
 
 def _l2n_jax(x: jax.Array) -> jax.Array:

@@ -337,7 +337,9 @@ def make_extractor(config: Any | None, blip2: str | None) -> FeatureExtractor:
     if blip2:
         from ivcr_jax.retrieval.features import Blip2Extractor
         query_pool = str(idx.query_pool) if idx is not None and "query_pool" in idx else "mean"
-        return Blip2Extractor.from_pretrained(blip2, num_frames=num_frames, query_pool=query_pool)
+        dtype = str(idx.compute_dtype) if idx is not None and "compute_dtype" in idx else "float32"
+        return Blip2Extractor.from_pretrained(blip2, num_frames=num_frames, query_pool=query_pool,
+                                              dtype=dtype)
     if idx is not None and "extractor" in idx:
         spec = dict(idx.extractor)
         if spec.get("kind") == "blip2" and not spec.get("path"):

@@ -44,18 +44,41 @@ def _bucket(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _topk_fn(mesh: Mesh, axes: tuple[str, ...], shards: int, local_rows: int, k: int, precision) -> Callable:
-    """The jitted, sharded top-k (cached: indexes of equal shape on one mesh share a compilation)."""
+def _topk_fn(mesh: Mesh, axes: tuple[str, ...], shards: int, local_rows: int, block: int, k: int,
+             precision, blocked: bool) -> Callable:
+    """The jitted, sharded top-k (cached: indexes of equal shape on one mesh share a compilation).
+
+    ``blocked``: each device scans its rows in blocks of ``block`` keeping a running top-k, so the
+    score matrix held at once is ``[B, block]`` instead of ``[B, rows]`` (large query batches).
+    Otherwise one matmul + top_k per device (a scan would re-read the rows, which costs a
+    memory-bound single query several times over). Then the per-device lists are merged.
+    """
     kl = min(k, local_rows)
+    nb = local_rows // block if blocked else 1
     row_spec = P(None if not axes else (axes[0] if len(axes) == 1 else axes))
 
-    def local(q, emb, rows):
-        # q [B, D] replicated; emb [n_local, D]; rows [n_local] global row ids (-1 = padding)
+    def block_topk(q, emb, rows):
         s = jnp.einsum("bd,nd->bn", q.astype(emb.dtype), emb, precision=precision,
                        preferred_element_type=jnp.float32)
         s = jnp.where(rows[None, :] >= 0, s, -jnp.inf)
-        v, i = jax.lax.top_k(s, kl)
-        r = rows[i]
+        v, i = jax.lax.top_k(s, min(k, emb.shape[0]))
+        return v, rows[i]
+
+    def local(q, emb, rows):
+        # q [B, D] replicated; emb [local_rows, D]; rows [local_rows] global ids (-1 = padding)
+        if nb <= 1:
+            v, r = block_topk(q, emb, rows)
+        else:
+            def step(carry, blk):
+                v, r = block_topk(q, *blk)
+                v = jnp.concatenate([carry[0], v], axis=1)
+                r = jnp.concatenate([carry[1], r], axis=1)
+                v, j = jax.lax.top_k(v, kl)
+                return (v, jnp.take_along_axis(r, j, axis=1)), None
+            b = q.shape[0]
+            init = (jnp.full((b, kl), -jnp.inf, jnp.float32), jnp.full((b, kl), -1, rows.dtype))
+            blocks = (emb.reshape(nb, block, emb.shape[-1]), rows.reshape(nb, block))
+            (v, r), _ = jax.lax.scan(step, init, blocks)
         if shards > 1:      # merge: gather every shard's top-k, keep the k best
             v = jax.lax.all_gather(v, axes, axis=1, tiled=True)     # [B, shards * kl]
             r = jax.lax.all_gather(r, axes, axis=1, tiled=True)
@@ -74,11 +97,15 @@ class FirstStage:
 
     ``mesh=None`` uses every local device (a ``data``-only mesh from ``ivcr_jax.sharding``); pass
     ``devices=[jax.devices()[0]]`` for single-device search. Rows are padded to a multiple of the
-    shard count; padded rows score ``-inf``.
+    shard count (and into equal blocks of at most ``block_rows`` when a shard holds more); padded
+    rows score ``-inf``. A query batch whose per-device score matrix would exceed ``score_budget``
+    floats is scanned block by block. ``dtype`` is the storage/compute type of the embeddings
+    (scores accumulate in fp32).
     """
 
     def __init__(self, emb: np.ndarray, *, mesh: Mesh | None = None, devices: Sequence[Any] | None = None,
-                 dtype: Any = jnp.float32, precision: str = "highest"):
+                 dtype: Any = jnp.float32, precision: str = "highest", block_rows: int = 65536,
+                 score_budget: int = 1 << 25):
         emb = np.asarray(emb)
         if emb.ndim != 2:
             raise ValueError(f"expected embeddings [N, D], got {emb.shape}")
@@ -92,19 +119,26 @@ class FirstStage:
         axes = probe[0] if len(probe) else None
         self.axes: tuple[str, ...] = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
         self.shards = math.prod(self.mesh.shape[a] for a in self.axes) if self.axes else 1
-        self.local = -(-self.n // self.shards)
+        local = -(-self.n // self.shards)
+        nb = -(-local // int(block_rows))
+        per = -(-local // nb)
+        self.block = -(-per // 8) * 8 if nb > 1 else local             # equal blocks, 8-aligned
+        self.local = nb * self.block
+        self.score_budget = int(score_budget)
         n_pad = self.local * self.shards
         rows = np.full((n_pad,), -1, np.int32)
         rows[: self.n] = np.arange(self.n, dtype=np.int32)
-        emb_p = np.zeros((n_pad, self.dim), emb.dtype)
-        emb_p[: self.n] = emb
+        np_dtype = np.dtype(jnp.dtype(dtype))
+        if n_pad == self.n:
+            emb_p = emb.astype(np_dtype, copy=False)
+        else:
+            emb_p = np.zeros((n_pad, self.dim), np_dtype)
+            emb_p[: self.n] = emb
         row_spec = P(None if not self.axes else (self.axes[0] if len(self.axes) == 1 else self.axes))
-        self.emb = jax.device_put(jnp.asarray(emb_p, dtype), NamedSharding(self.mesh, P(*row_spec, None)))
-        self.rows = jax.device_put(jnp.asarray(rows), NamedSharding(self.mesh, row_spec))
+        self.emb = jax.device_put(emb_p, NamedSharding(self.mesh, P(*row_spec, None)))
+        self.rows = jax.device_put(rows, NamedSharding(self.mesh, row_spec))
         self.precision = _PRECISION[precision]
-
-    def _fn(self, k: int) -> Callable:
-        return _topk_fn(self.mesh, self.axes, self.shards, self.local, k, self.precision)
+        self._q_sharding = NamedSharding(self.mesh, P())
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries ``[B, D]`` (already normalised) -> (rows int32 ``[B, k]``, scores float32 ``[B, k]``)."""
@@ -113,10 +147,14 @@ class FirstStage:
             raise ValueError(f"expected queries [B, {self.dim}], got {q.shape}")
         k = min(int(k), self.n)
         b = q.shape[0]
-        qp = np.zeros((_bucket(b), self.dim), np.float32)
-        qp[:b] = q
-        qp = jax.device_put(qp, NamedSharding(self.mesh, P()))
-        v, r = self._fn(k)(qp, self.emb, self.rows)
+        if _bucket(b) != b:
+            qp = np.zeros((_bucket(b), self.dim), np.float32)
+            qp[:b] = q
+        else:
+            qp = q
+        blocked = self.local > self.block and qp.shape[0] * self.local > self.score_budget
+        fn = _topk_fn(self.mesh, self.axes, self.shards, self.local, self.block, k, self.precision, blocked)
+        v, r = fn(jax.device_put(qp, self._q_sharding), self.emb, self.rows)
         return np.asarray(r)[:b], np.asarray(v)[:b]
 
 
@@ -247,3 +285,28 @@ def write_candidates(annotations_in: str | os.PathLike, index: VideoIndex | str 
         m = compute_metrics(ranks, ks=tuple(x for x in (1, 5, 10) if x <= k))
         stats.update({key: v for key, v in m.items() if key.startswith("R")})
     return stats
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ivcr_jax.retrieval.search --index INDEX [--model WORKDIR] --annotations IN --out OUT``."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m ivcr_jax.retrieval.search",
+                                description="Write X-Pool top-k candidate_videos into an IVCR-format JSON.")
+    p.add_argument("--index", required=True, help="index directory (retrieval/index.py)")
+    p.add_argument("--model", default=None, help="X-Pool export (train.py workdir or xpool.safetensors); "
+                   "omitted = first stage only (mean-pooled features)")
+    p.add_argument("--annotations", required=True, help="IVCR-format JSON to read")
+    p.add_argument("--out", required=True, help="IVCR-format JSON to write")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--rerank-k", type=int, default=100)
+    p.add_argument("--blip2", default=None, help="BLIP-2 directory, if it moved since the index was built")
+    args = p.parse_args(argv)
+    ret = Retriever.load(args.index, args.model, rerank_k=args.rerank_k,
+                         extractor_overrides={"path": args.blip2} if args.blip2 else None)
+    stats = write_candidates(args.annotations, None, None, args.out, args.k, retriever=ret)
+    print(json.dumps(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -47,8 +47,16 @@ def pipeline_config(config, per_process_batch: int):
 
     d = config.data
     overrides = dict(batch_size=per_process_batch)
-    root = d.get("video_root") or (str(Path(d.annotations).parent) if d.annotations else None)
+    root = d.get("video_root") or None
+    if not root and d.annotations:
+        # The corpus layout (demo corpus, prepared corpora): <dir>/ivcr.json + <dir>/videos/.
+        parent = Path(d.annotations).parent
+        root = str(parent / "videos") if (parent / "videos").is_dir() else str(parent)
     pc = PipelineConfig.from_config(d, **overrides)
+    # Token counts per video follow the model: window size and video queries per window.
+    vq = config.model.video_qformer
+    pc = dataclasses.replace(pc, sample=dataclasses.replace(
+        pc.sample, window=int(vq.window), tokens_per_window=int(vq.num_query_tokens)))
     if root and not pc.sample.video_root:
         pc = dataclasses.replace(pc, sample=dataclasses.replace(pc.sample, video_root=root))
     return pc

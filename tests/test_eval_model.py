@@ -1,0 +1,133 @@
+"""The model-driven evaluation (``python -m ivcr_jax.eval --config ... --checkpoint ...``) and the
+loading of trained checkpoints (ivcr_jax.eval.run_model, ivcr_jax.eval.restore)."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from test_generate import TINY, TINY_SET, random_model
+
+from ivcr_jax.eval import run_model
+from ivcr_jax.eval.__main__ import build_parser
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ivcr_jax.data.demo import build_demo_corpus
+
+    root = build_demo_corpus(tmp_path_factory.mktemp("demo"), num_generated=8, size=32)
+    config = run_model.load_eval_config(TINY, TINY_SET)
+    return dict(root=root, config=config, model=random_model(config))
+
+
+def _args(root, out, *extra):
+    sets = [a for s in TINY_SET for a in ("--set", s)]
+    return build_parser().parse_args(["--config", TINY, *sets, "--annotations", str(root / "ivcr.json"),
+                                      "--out", str(out), "--max-new-tokens", "8", "--video-slots", "cap", *extra])
+
+
+def test_eval_writes_predictions_metrics_report_and_timings(setup, tokenizer, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = _args(setup["root"], out, "--max-samples", "3")
+    assert run_model.main(args, model=setup["model"], tokenizer=tokenizer) == 0
+
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 3
+    test = [d for d in json.loads((setup["root"] / "ivcr.json").read_text())
+            if d["split"] == "test" and d["type"] != [0]]
+    ids = [c["text_id"] for d in test for c in d["conversations"][0::2]]
+    assert set(p["text_id"] for p in preds) == set(ids[:3])
+    for p in preds:
+        assert isinstance(p["answer"], str) and p["new_tokens"] <= 8
+        assert p["timings"]["retrieval"] == 0.0 and p["timings"]["prefill"] > 0 and p["timings"]["decode"] > 0
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for stage in ("retrieval", "prefill", "decode", "MLLM (prefill + decode)"):
+        t = metrics["timings"][stage]
+        assert t["n"] == 3 and t["p50"] <= t["p95"] and t["mean"] >= 0
+    assert metrics["generation"]["decoding"] == "greedy" and metrics["generation"]["answered"] == 3
+    assert metrics["end_to_end"]["n_turns"] == len(ids) and metrics["evaluated"]["n_answered"] == 3
+    report = (out / "report.md").read_text()
+    assert "Response time per query" in report and "retrieval timing" in report
+    assert (out / "per_turn.png").is_file() and (out / "latency.png").is_file()
+    printed = capsys.readouterr().out
+    assert "response time (s)" in printed and f"report:  {out / 'report.md'}" in printed
+
+    # Greedy evaluation is deterministic: a second run gives the same answers.
+    out2 = tmp_path / "again"
+    assert run_model.main(_args(setup["root"], out2, "--max-samples", "3", "--no-charts"),
+                          model=setup["model"], tokenizer=tokenizer) == 0
+    again = [json.loads(line)["answer"] for line in (out2 / "predictions.jsonl").read_text().splitlines()]
+    assert again == [p["answer"] for p in preds]
+
+
+def test_model_history_puts_the_models_answers_into_later_prompts(setup, tokenizer, tmp_path, monkeypatch):
+    seen = []
+    original = run_model.PromptLoader.prompt
+
+    def spy(self, dialogue, turn_idx, sample_id=0):
+        p = original(self, dialogue, turn_idx, sample_id)
+        seen.append((dialogue.id, turn_idx, p.sample.text))
+        return p
+
+    monkeypatch.setattr(run_model.PromptLoader, "prompt", spy)
+    out = tmp_path / "model_history"
+    assert run_model.main(_args(setup["root"], out, "--max-samples", "2", "--history", "model", "--no-charts"),
+                          model=setup["model"], tokenizer=tokenizer) == 0
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    (did, t0, _), (did2, t1, second) = seen
+    assert did == did2 and (t0, t1) == (0, 1)
+    first_answer = run_model.clean_answer(preds[0]["answer"], tokenizer)
+    gt_answer = next(d for d in json.loads((setup["root"] / "ivcr.json").read_text())
+                     if d["id"] == did)["conversations"][1]["value"]
+    assert f"[/INST] {first_answer} </s>" in second
+    assert gt_answer not in second
+    assert json.loads((out / "metrics.json").read_text())["history"] == "model"
+
+
+def test_main_reports_missing_inputs(setup, tmp_path, capsys):
+    args = build_parser().parse_args(["--config", TINY, "--annotations", str(tmp_path / "none.json"),
+                                      "--out", str(tmp_path / "o")])
+    assert run_model.main(args) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_load_trainable_restores_a_training_checkpoint_over_the_base(setup, tmp_path):
+    import optax
+
+    from ivcr_jax.convert.common import CheckpointError, CheckpointMismatch
+    from ivcr_jax.eval.restore import find_step_dir, load_weights
+    from ivcr_jax.train.checkpoint import Checkpointer
+    from ivcr_jax.train.params import trainable_filter
+    from ivcr_jax.train.step import init_state
+
+    config = setup["config"]
+    trainable = trainable_filter(config.trainable)
+    _, params, _ = nnx.split(setup["model"], trainable, ...)
+    params = jax.tree.map(lambda x: x + 1.0, params)        # "trained" values, unlike the model's
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
+    ckpt.save(7, init_state(params, optax.adam(1e-3), 0), force=True)
+    ckpt.close()
+    assert find_step_dir(tmp_path / "run").name == "7"
+
+    model = nnx.clone(setup["model"])
+    frozen_before = nnx.state(model, nnx.Not(trainable))
+    what = load_weights(model, tmp_path / "run", config)
+    assert "step 7" in what and "random initialisation" in what
+    for a, b in zip(jax.tree.leaves(nnx.state(model, trainable)), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Not(trainable))), jax.tree.leaves(frozen_before)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # A checkpoint that does not cover the model's trainable set is refused, naming the directory and keys.
+    other = run_model.load_eval_config(TINY, TINY_SET)
+    other.trainable = tuple(config.trainable) + (r"llama/norm/.*",)
+    with pytest.raises(CheckpointMismatch, match=r"(?s)run/checkpoints/7/state.*missing keys.*llama/norm/scale"):
+        load_weights(model, tmp_path / "run", other)
+    with pytest.raises(CheckpointError, match="neither a converted checkpoint"):
+        load_weights(model, tmp_path, config)
