@@ -75,6 +75,14 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None) ->
     return Mesh(arr, MESH_AXES, **kwargs)
 
 
+def mesh_from_config(node: Mapping[str, int]) -> Mesh:
+    """``config.mesh`` (data, fsdp, tensor, optional num_devices: 0 = all) → Mesh."""
+    d = dict(node)
+    n = int(d.pop("num_devices", 0) or 0)
+    devices = jax.devices()[:n] if n else None
+    return make_mesh(d, devices)
+
+
 def _rule_table(rules: Iterable[tuple[str, Any]]) -> dict[str, tuple[str, ...]]:
     table = {}
     for name, target in rules:

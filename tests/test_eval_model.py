@@ -3,9 +3,9 @@ loading of trained checkpoints (ivcr_jax.eval.run_model, ivcr_jax.eval.restore).
 from __future__ import annotations
 
 import json
+import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -76,6 +76,13 @@ def test_model_history_puts_the_models_answers_into_later_prompts(setup, tokeniz
         return p
 
     monkeypatch.setattr(run_model.PromptLoader, "prompt", spy)
+
+    class FakeRetriever:   # stands in for ivcr_jax.retrieval.search.Retriever (--index)
+        def search(self, texts, k=10):
+            time.sleep(0.01)
+            return [["x.mp4"] * k for _ in texts], np.zeros((len(texts), k))
+
+    monkeypatch.setattr(run_model, "_retriever", lambda args: FakeRetriever())
     out = tmp_path / "model_history"
     assert run_model.main(_args(setup["root"], out, "--max-samples", "2", "--history", "model", "--no-charts"),
                           model=setup["model"], tokenizer=tokenizer) == 0
@@ -87,7 +94,12 @@ def test_model_history_puts_the_models_answers_into_later_prompts(setup, tokeniz
                      if d["id"] == did)["conversations"][1]["value"]
     assert f"[/INST] {first_answer} </s>" in second
     assert gt_answer not in second
-    assert json.loads((out / "metrics.json").read_text())["history"] == "model"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"] == "model"
+    # with a retriever, retrieval turns are timed (the moment turn has no retrieval)
+    assert [p["kind"] for p in preds] == ["retrieval", "moment"]
+    assert preds[0]["timings"]["retrieval"] >= 0.01 and preds[1]["timings"]["retrieval"] == 0.0
+    assert metrics["generation"]["retrieval_timing"].startswith("retriever search")
 
 
 def test_main_reports_missing_inputs(setup, tmp_path, capsys):
@@ -131,3 +143,28 @@ def test_load_trainable_restores_a_training_checkpoint_over_the_base(setup, tmp_
         load_weights(model, tmp_path / "run", other)
     with pytest.raises(CheckpointError, match="neither a converted checkpoint"):
         load_weights(model, tmp_path, config)
+
+    # A converted directory (python -m ivcr_jax.convert) replaces every parameter.
+    from ivcr_jax.convert.common import flat_state
+    from ivcr_jax.convert.store import save_flat
+
+    save_flat(tmp_path / "converted", {k: np.asarray(v.get_value()) for k, v in flat_state(model).items()})
+    fresh = nnx.clone(setup["model"])
+    assert load_weights(fresh, tmp_path / "converted", config).startswith("converted weights")
+    for a, b in zip(jax.tree.leaves(nnx.state(fresh, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_missing_video_skips_its_samples_and_the_run_goes_on(setup, tokenizer, tmp_path):
+    import shutil
+
+    root = tmp_path / "corpus"
+    shutil.copytree(setup["root"], root)
+    first = next(d for d in json.loads((root / "ivcr.json").read_text()) if d["split"] == "test" and d["type"] != [0])
+    (root / "videos" / first["conversations"][1]["candidate_videos"][0]).unlink()
+    out = tmp_path / "eval"
+    assert run_model.main(_args(root, out, "--max-samples", "3", "--no-charts"),
+                          model=setup["model"], tokenizer=tokenizer) == 0
+    gen = json.loads((out / "metrics.json").read_text())["generation"]
+    assert gen["skipped"] >= 1 and gen["answered"] + gen["skipped"] == 3
+    assert "video file not found" in (out / "report.md").read_text()

@@ -11,7 +11,11 @@ skips such lines and reports how many. Writes ``metrics.json``, ``turn_scores.js
 and PNG charts under ``--out`` and prints the metrics table.
 
 Without ``--predictions`` the model-driven mode (``--config``, ``--checkpoint``) is delegated to
-``ivcr_jax.eval.run_model.main(args)``.
+``ivcr_jax.eval.run_model.main(args)``: it generates the answers of every test turn, writes
+``predictions.jsonl`` (with per-stage timings) under ``--out`` and scores it the same way::
+
+    python -m ivcr_jax.eval --config configs/paper.py:tiny --checkpoint WORKDIR_OR_CONVERTED_DIR \\
+        --annotations corpus/ivcr.json [--split test] [--history teacher|model] [--max-samples N]
 """
 from __future__ import annotations
 

@@ -46,9 +46,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
-
-import numpy as np
+from typing import Any, Mapping, Sequence
 
 __all__ = ["PromptLoader", "Prompt", "build_and_load", "clean_answer", "load_eval_config", "main", "pipeline_config",
            "run", "video_root_for"]
@@ -107,7 +105,8 @@ def pipeline_config(config, *, batch_size: int = 1, video_root: str | None = Non
     ``PipelineConfig.from_config`` assumes the paper's 32 tokens per window of 32 frames; the number
     of placeholder positions per video must be what the model's video Q-Former produces
     (``num_query_tokens`` per window, windows of ``stride`` frames), or the splice would gather
-    rows that do not exist (e.g. the tiny config: 8 queries).
+    rows that do not exist (e.g. the tiny config: 8 queries). Same wiring as
+    ``ivcr_jax.train.data.pipeline_config``, so evaluation prompts match the training samples.
     """
     from ivcr_jax.data.pipeline import PipelineConfig
 
@@ -181,8 +180,6 @@ class PromptLoader:
         self._loads: dict = {}
 
     def _frames(self, req):
-        from ivcr_jax.data.samples import VideoRequest  # noqa: F401  (type of req)
-
         key = (req.path, req.num_frames)
         if key in self._cache:
             self._cache.move_to_end(key)

@@ -317,6 +317,14 @@ class Llama(nnx.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         x = sharding.constrain(x, ("batch", "length", "embed"))
         B, S, _ = x.shape
+        full_mask = None
+        if attention_mask is not None and attention_mask.ndim == 3:
+            # A full [B, S, S] boolean mask (query, key): used for tree-shaped sequences (several
+            # continuations of one prefix scored in one pass); ``positions`` must be given.
+            if positions is None or cache is not None:
+                raise ValueError("a [B, S, S] attention mask needs explicit positions and no cache")
+            full_mask = attention_mask.astype(bool) | jnp.eye(S, dtype=bool)[None]
+            attention_mask = None
         real = (jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool))
 
         if cache is None:
@@ -328,7 +336,10 @@ class Llama(nnx.Module):
             positions = jnp.maximum(base + jnp.cumsum(real, -1, dtype=jnp.int32) - 1, 0)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
-        if cache is None:
+        if full_mask is not None:
+            mask, is_causal = full_mask[:, None], False
+            valid, kv = None, None
+        elif cache is None:
             if attention_mask is None:
                 mask, is_causal = None, True  # lets a fused (flash) kernel skip the masked half
             else:

@@ -63,7 +63,7 @@ def train(config, workdir: str | Path, *, max_steps: int | None = None, progress
 
     # --- mesh and devices ---
     distributed.initialize()
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.mesh_from_config(config.mesh)
 
     # --- input pipeline ---
     tokenizer = data_lib.tokenizer(config)
@@ -85,8 +85,9 @@ def train(config, workdir: str | Path, *, max_steps: int | None = None, progress
     tx, schedule = optim.make_optimizer(tc, params)
 
     # --- restore or initialise ---
-    state_sh = _state_shardings(params, tx, config.seed, mesh)
-    state = jax.jit(lambda p: step_lib.init_state(p, tx, config.seed), out_shardings=state_sh)(params)
+    rng_impl = config.get("rng_impl") or None
+    state_sh = _state_shardings(params, tx, config.seed, mesh, rng_impl)
+    state = jax.jit(lambda p: step_lib.init_state(p, tx, config.seed, rng_impl), out_shardings=state_sh)(params)
     del params
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
     start = 0
@@ -98,7 +99,7 @@ def train(config, workdir: str | Path, *, max_steps: int | None = None, progress
     # --- the compiled step ---
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(
         graphdef, tx, schedule, aux_mode=tc.aux_loss_mode, alpha=tc.alpha, beta=tc.beta,
-        digit_ids=data_lib.digit_ids(tokenizer)))
+        digit_ids=data_lib.digit_ids(tokenizer), rng_impl=rng_impl))
 
     # --- loop: step, log, checkpoint ---
     logger = log_lib.Logger(workdir, enabled=jax.process_index() == 0, total=total, start=start,
@@ -110,6 +111,9 @@ def train(config, workdir: str | Path, *, max_steps: int | None = None, progress
         for step in range(start, total):
             t0 = time.perf_counter()
             host_batch = next(data.iterator)
+            if tc.aux_loss_mode == "differentiable":
+                from ivcr_jax.train.aux_losses import add_targets
+                host_batch = add_targets(host_batch, tokenizer)
             batch = data_lib.to_device(host_batch, mesh)
             with sharding.use_mesh(mesh):
                 state, metrics, pred = step_fn(state, frozen, batch)
@@ -137,11 +141,12 @@ def train(config, workdir: str | Path, *, max_steps: int | None = None, progress
                 break
     ckpt.close()
     logger.close(data.report())
-    return {"history": history, "final_step": start + len(history), "workdir": str(workdir)}
+    return {"history": history, "final_step": start + len(history), "workdir": str(workdir),
+            "state": state, "frozen": frozen, "graphdef": graphdef}
 
 
-def _state_shardings(params, tx, seed, mesh):
-    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, seed), params)
+def _state_shardings(params, tx, seed, mesh, rng_impl=None):
+    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, seed, rng_impl), params)
     param_sh = sharding.state_shardings(params, mesh)
 
     def sh(x):

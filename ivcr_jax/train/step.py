@@ -18,33 +18,38 @@ from flax import nnx
 from ivcr_jax.train import losses as L
 
 
-def init_state(params, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
+def init_state(params, tx: optax.GradientTransformation, seed: int, rng_impl: str | None = None) -> dict[str, Any]:
+    """Params, optimizer state, step and the base key (stored as raw key data for checkpoints)."""
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed))}
+            "rng": jax.random.key_data(jax.random.key(seed, impl=rng_impl))}
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, *,
                     aux_mode: str = "faithful", alpha: float = 0.01, beta: float = 0.01,
-                    digit_ids=None) -> Callable:
+                    digit_ids=None, rng_impl: str | None = None) -> Callable:
     """Build ``step(state, frozen, batch) -> (state, metrics)`` (not yet jitted)."""
     if aux_mode not in ("faithful", "differentiable", "off"):
         raise ValueError(f"train.aux_loss_mode must be faithful|differentiable|off, got {aux_mode!r}")
 
     def step(state, frozen, batch):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        # Dropout keys: the base key folded with the step, so a resumed run draws the same masks.
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl=rng_impl), state["step"])
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, frozen)
-            out = model(batch, rng=rng)
-            lm, ntok = L.lm_loss(out.logits, batch["labels"], batch.get("weight"))
+            if aux_mode == "differentiable":
+                from ivcr_jax.train import aux_losses
+                logits, ext = aux_losses.forward_with_candidates(model, batch, rng)
+            else:
+                logits = model(batch, rng=rng).logits
+            lm, ntok = L.lm_loss(logits, batch["labels"], batch.get("weight"))
             parts = {"lm": lm}
             total = lm
             if aux_mode == "differentiable":
-                from ivcr_jax.train import aux_losses
-                v, c = aux_losses.differentiable_aux(out.logits, batch, digit_ids)
+                v, c = aux_losses.differentiable_aux(logits, ext, batch, digit_ids)
                 parts.update(video=v, moment=c)
                 total = total + alpha * v + beta * c
-            pred = jnp.argmax(out.logits, axis=-1).astype(jnp.int32) if aux_mode == "faithful" else None
+            pred = jnp.argmax(logits, axis=-1).astype(jnp.int32) if aux_mode == "faithful" else None
             return total, (parts, ntok, pred)
 
         (total, (parts, ntok, pred)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

@@ -1,0 +1,201 @@
+"""Differentiable video-index (L_V) and moment (L_C) losses (``train.aux_loss_mode="differentiable"``).
+
+The reference computes both from argmax-decoded text, so they carry no gradient
+(reference-architecture §8.6; ``faithful`` mode in ``losses.py`` reproduces that). Here:
+
+* **L_V** — cross-entropy over the 10 candidates, each scored by the log-probability of the
+  answer naming it: the prefix up to the index is shared, then candidate k contributes its digit
+  tokens (LLaMA splits numbers into digits, so "video 10" is the two tokens "1","0") followed by
+  the token that follows the number in the ground-truth answer (so "1" is told apart from "10").
+  The first digit is scored from the main sequence's logits; the remaining tokens of every
+  candidate are scored exactly in the same forward pass, appended to the sequence as a tree (each
+  continuation attends to the real prefix and to its own earlier tokens, at the positions it
+  would occupy; ``Llama`` takes the full ``[B, S, S]`` mask). Only the answer's continuation up
+  to one token past the number is scored: the rest of the answer is the same text for every k.
+* **L_C** — 1 − IoU of an expected span: each number of "a - b seconds" is Σ place × E[digit],
+  where E[digit] is the mean digit under the model's distribution over the ten digit tokens at
+  that position (teacher-forced on the ground-truth digits before it). Differentiable in the
+  logits; like IoU itself it has no gradient when the spans do not overlap.
+
+Host side (:func:`add_targets`) locates these tokens in each sample's supervised answer and
+adds fixed-shape arrays to the batch; the jitted side (:func:`differentiable_aux`) uses them.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_CANDIDATES = 10
+CONT = 3          # max tokens of a candidate continuation after its first digit ("0" of 10 + terminator)
+MAX_DIGITS = 6    # per number of a moment span
+
+
+def _digit_map(tok) -> dict[int, int]:
+    ids = tok.convert_tokens_to_ids(list("0123456789"))
+    return {int(i): d for d, i in enumerate(ids)}
+
+
+def add_targets(batch: dict, tok) -> dict:
+    """Add ``cand_*`` and ``num_*`` arrays (numpy, fixed shapes) for :func:`differentiable_aux`."""
+    digits = _digit_map(tok)
+    dot = tok.convert_tokens_to_ids(["."])[0]
+    digit_ids = tok.convert_tokens_to_ids(list("0123456789"))
+    B = batch["input_ids"].shape[0]
+    cand_pos = np.full((B,), -1, np.int32)                  # position of the first digit
+    cand_cont = np.zeros((B, NUM_CANDIDATES, CONT), np.int32)
+    cand_len = np.zeros((B, NUM_CANDIDATES), np.int32)      # tokens after the first digit
+    cand_first = np.zeros((B, NUM_CANDIDATES), np.int32)    # first digit token of each candidate
+    num_pos = np.full((B, 2, MAX_DIGITS), -1, np.int32)
+    num_place = np.zeros((B, 2, MAX_DIGITS), np.float32)
+    for b in range(B):
+        labels = batch["labels"][b]
+        ids = batch["input_ids"][b]
+        sup = np.nonzero(labels != -100)[0]
+        if len(sup) == 0 or batch.get("weight", np.ones(B))[b] <= 0:
+            continue
+        kind = int(batch["kind"][b])
+        runs = _digit_runs(ids, sup, digits, dot)
+        if kind == 1 and runs:
+            start, toks = runs[0]
+            end = start + len(toks)
+            term = int(ids[end]) if end < len(ids) and labels[end] != -100 else int(tok.eos_token_id)
+            cand_pos[b] = start
+            for k in range(1, NUM_CANDIDATES + 1):
+                dk = [int(digit_ids[int(c)]) for c in str(k)]
+                cont = dk[1:] + [term]
+                cand_first[b, k - 1] = dk[0]
+                cand_cont[b, k - 1, :len(cont)] = cont
+                cand_len[b, k - 1] = len(cont)
+        elif kind == 2 and len(runs) >= 2:
+            for j, (start, toks) in enumerate(runs[:2]):
+                vals = [digits.get(int(t)) for t in toks]
+                point = vals.index(None) if None in vals else len(vals)   # the "." token
+                n = 0
+                for i, v in enumerate(vals):
+                    if v is None or n >= MAX_DIGITS:
+                        continue
+                    exp = (point - 1 - i) if i < point else -(i - point)
+                    num_pos[b, j, n] = start + i
+                    num_place[b, j, n] = 10.0 ** exp
+                    n += 1
+    out = dict(batch)
+    out.update(cand_pos=cand_pos, cand_first=cand_first, cand_cont=cand_cont, cand_len=cand_len,
+               num_pos=num_pos, num_place=num_place)
+    return out
+
+
+def _digit_runs(ids, sup, digits: Mapping[int, int], dot: int):
+    """Runs of consecutive supervised digit tokens, a single inner "." allowed ("12.5")."""
+    runs, cur, has_dot = [], [], False
+    sup_set = set(int(i) for i in sup)
+    for i in sorted(sup_set):
+        t = int(ids[i])
+        inner_dot = (t == dot and cur and not has_dot and cur[-1] == i - 1
+                     and (i + 1) in sup_set and int(ids[i + 1]) in digits)
+        if (t in digits or inner_dot) and (not cur or cur[-1] == i - 1):
+            cur.append(i)
+            has_dot = has_dot or inner_dot
+            continue
+        if cur:
+            runs.append(cur)
+        cur, has_dot = ([i], False) if t in digits else ([], False)
+    if cur:
+        runs.append(cur)
+    return [(r[0], [ids[i] for i in r]) for r in runs]
+
+
+def tree_inputs(batch: Mapping[str, Any]):
+    """Input ids and RoPE positions of the candidates' continuation slots ``[B, K*C]``.
+
+    Slot j of candidate k takes ``[first digit, cont_0, cont_1, ...][j]`` at position
+    ``cand_pos + j`` and its output predicts ``cont_j``.
+    """
+    cont = batch["cand_cont"]                                  # [B, K, C]
+    B, K, C = cont.shape
+    inputs = jnp.concatenate([batch["cand_first"][:, :, None], cont[:, :, :-1]], axis=-1)
+    pos = jnp.maximum(batch["cand_pos"], 0)[:, None, None] + jnp.arange(C)[None, None, :]
+    return inputs.reshape(B, K * C), jnp.broadcast_to(pos, (B, K, C)).reshape(B, K * C)
+
+
+def forward_with_candidates(model, batch: Mapping[str, Any], rng=None):
+    """One LLaMA pass over the sequence plus every candidate continuation → (main, ext) logits."""
+    emb = model.input_embeddings(batch, None if rng is None else jax.random.fold_in(rng, 0))
+    ids, ext_pos = tree_inputs(batch)
+    B, S = batch["input_ids"].shape
+    K, C = batch["cand_cont"].shape[1:]
+    x = jnp.concatenate([emb, model.llama.embed(ids).astype(emb.dtype)], axis=1)
+    real = batch["attention_mask"].astype(bool)
+    pos = jnp.concatenate([jnp.maximum(jnp.cumsum(real, -1, dtype=jnp.int32) - 1, 0), ext_pos], axis=1)
+    mask = full_mask(batch["attention_mask"], batch["cand_pos"], K, C)
+    out = model.llama(inputs_embeds=x, attention_mask=mask, positions=pos,
+                      rng=None if rng is None else jax.random.fold_in(rng, 1))
+    return out.logits[:, :S], out.logits[:, S:]
+
+
+def differentiable_aux(logits_main, logits_ext, batch, digit_ids):
+    """(L_V, L_C) for a batch carrying :func:`add_targets` arrays."""
+    return video_loss(logits_main, logits_ext, batch), moment_loss(logits_main, batch, digit_ids)
+
+
+def full_mask(attention_mask: jax.Array, cand_pos: jax.Array, K: int, C: int) -> jax.Array:
+    """``[B, S + K*C, S + K*C]``: causal over the real sequence; continuation slots see the real
+    tokens before the number and their own candidate's earlier slots."""
+    B, S = attention_mask.shape
+    real = attention_mask.astype(bool)
+    causal = jnp.tril(jnp.ones((S, S), bool))[None] & real[:, None, :]
+    n = K * C
+    slot = jnp.arange(n)
+    cand, j = slot // C, slot % C
+    prefix = (jnp.arange(S)[None, None, :] < jnp.maximum(cand_pos, 0)[:, None, None]) & real[:, None, :]   # [B, n, S]
+    own = (cand[:, None] == cand[None, :]) & (j[None, :] <= j[:, None])                                   # [n, n]
+    top = jnp.concatenate([causal, jnp.zeros((B, S, n), bool)], axis=-1)
+    bottom = jnp.concatenate([jnp.broadcast_to(prefix, (B, n, S)), jnp.broadcast_to(own[None], (B, n, n))], axis=-1)
+    return jnp.concatenate([top, bottom], axis=1)
+
+
+def video_loss(logits_main: jax.Array, logits_ext: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
+    """CE over the 10 candidate answers, scored by their sequence log-probabilities."""
+    pos = batch["cand_pos"]                                            # [B]
+    valid = pos >= 0
+    B, K, C = batch["cand_cont"].shape
+    lp_main = jax.nn.log_softmax(logits_main.astype(jnp.float32), -1)  # [B, S, V]
+    at = jnp.take_along_axis(lp_main, jnp.maximum(pos - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, V]
+    first = jnp.take_along_axis(at, batch["cand_first"], axis=-1)      # [B, K]
+    lp_ext = jax.nn.log_softmax(logits_ext.astype(jnp.float32), -1).reshape(B, K, C, -1)
+    tok = jnp.take_along_axis(lp_ext, batch["cand_cont"][..., None], axis=-1)[..., 0]         # [B, K, C]
+    m = jnp.arange(C)[None, None, :] < batch["cand_len"][..., None]
+    score = first + jnp.where(m, tok, 0.0).sum(-1)                     # [B, K]
+    target = jnp.maximum(batch["target_index"], 0)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(score, -1), target[:, None], axis=-1)[:, 0]
+    w = valid & (batch["target_index"] >= 0) & (batch.get("weight", jnp.ones(B)) > 0)
+    return jnp.where(w, ce, 0.0).sum() / jnp.maximum(w.sum(), 1)
+
+
+def expected_numbers(logits: jax.Array, batch: Mapping[str, Any], digit_ids: Sequence[int]) -> jax.Array:
+    """E[start], E[end] ``[B, 2]`` from the digit distributions at the span's digit positions."""
+    pos = batch["num_pos"]                                             # [B, 2, D]
+    B = pos.shape[0]
+    flat = jnp.maximum(pos - 1, 0).reshape(B, -1)                      # logits at t-1 predict t
+    lg = jnp.take_along_axis(logits, flat[..., None], axis=1)          # [B, 2D, V]
+    dl = jnp.take(lg, jnp.asarray(digit_ids), axis=-1).astype(jnp.float32)
+    p = jax.nn.softmax(dl, -1)
+    e_digit = (p * jnp.arange(10.0)).sum(-1).reshape(pos.shape)        # [B, 2, D]
+    return jnp.where(pos >= 0, e_digit * batch["num_place"], 0.0).sum(-1)
+
+
+def soft_iou(pred: jax.Array, gt: jax.Array) -> jax.Array:
+    s1, e1 = jnp.minimum(pred[..., 0], pred[..., 1]), jnp.maximum(pred[..., 0], pred[..., 1])
+    s2, e2 = gt[..., 0], gt[..., 1]
+    inter = jnp.maximum(jnp.minimum(e1, e2) - jnp.maximum(s1, s2), 0.0)
+    union = jnp.maximum(e1, e2) - jnp.minimum(s1, s2)
+    return inter / jnp.maximum(union, 1e-6)
+
+
+def moment_loss(logits: jax.Array, batch: Mapping[str, Any], digit_ids) -> jax.Array:
+    B = logits.shape[0]
+    valid = (batch["num_pos"][:, :, 0] >= 0).all(-1) & (batch.get("weight", jnp.ones(B)) > 0)
+    iou = soft_iou(expected_numbers(logits, batch, digit_ids), batch["gt_span"])
+    return jnp.where(valid, 1.0 - iou, 0.0).sum() / jnp.maximum(valid.sum(), 1)
