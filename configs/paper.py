@@ -100,6 +100,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
         alpha=0.01, beta=0.01,      # weights of the video-index and moment losses
         log_every=10, ckpt_every=500, keep_checkpoints=3, eval_every=0,
     ))
+    c.eval = mlc.ConfigDict(dict(max_new_tokens=512, batch_size=1))
     c.trainable = (r"qformer/.*", r"video_qformer/.*", r"llama_proj/.*", r".*lora_[ab]")
     c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))   # 0: all devices
 
@@ -113,5 +114,6 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
         c.model.qformer.dropout = 0.0
         c.model.video_qformer.dropout = 0.0
         c.rng_impl = "rbg"
+        c.eval.max_new_tokens = 48
         c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
     return c

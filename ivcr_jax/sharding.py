@@ -192,3 +192,13 @@ class use_mesh:
 
 def current_mesh() -> Mesh | None:
     return _ACTIVE[-1] if _ACTIVE else None
+
+
+def spec_table(state: nnx.State, mesh: Mesh, rules=RULES) -> dict[str, str]:
+    """``{"a/b/c": "PartitionSpec(...)"}`` for every variable: what the golden file records."""
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        names = variable_names(var)
+        spec = logical_to_spec(names, _shape(var), mesh, rules)
+        out["/".join(str(p) for p in path)] = f"{tuple(_shape(var))} {names} -> {spec}"
+    return out

@@ -27,7 +27,7 @@ def _gpt_turns(records, retrieval):
             continue
         convs = r["conversations"]
         for i in range(1, len(convs), 2):
-            if (convs[i]["gt_se"] == [-1, -1]) == retrieval:
+            if "gt_se" in convs[i] and (convs[i]["gt_se"] == [-1, -1]) == retrieval:
                 yield r, i
 
 
@@ -52,6 +52,7 @@ def test_records_have_the_ivcr200k_fields(corpus):
     _, records, videos = corpus
     assert len({r["id"] for r in records}) == len(records)
     text_ids = []
+    chat_turns = []
     for r in records:
         assert list(r) == ["id", "type", "split", "conversations"]
         assert r["split"] in ("train", "test")
@@ -65,8 +66,10 @@ def test_records_have_the_ivcr200k_fields(corpus):
             assert re.fullmatch(r"[0-9a-f]{8}", h["text_id"])
             text_ids.append(h["text_id"])
             assert g["from"] == "gpt" and g["value"] and g["Chinese_value"]
-            if r["type"] == [0]:
-                assert set(g) == {"from", "value", "Chinese_value"}  # chit-chat: no video fields
+            if "gt_se" not in g:
+                # chit-chat (type [0] dialogues, or the closing turn of a [1, 2, 0] one): no video
+                assert set(g) == {"from", "value", "Chinese_value"}
+                chat_turns.append(r["type"])
                 continue
             assert set(g) == {"from", "gt", "gt_se", "video_source", "video_id", "candidate_videos",
                               "value", "Chinese_value"}
@@ -75,6 +78,7 @@ def test_records_have_the_ivcr200k_fields(corpus):
             assert g["video_source"] == source and g["gt"] == [name.removesuffix(".mp4")]
             assert len(g["gt_se"]) == 2
     assert len(set(text_ids)) == len(text_ids)
+    assert [0] in chat_turns and [1, 2, 0] in chat_turns    # chat alone and mixed into retrieval
 
 
 def test_retrieval_turns_list_10_candidates_with_the_answer(corpus):

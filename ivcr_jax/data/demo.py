@@ -20,7 +20,8 @@ Choices where the schema is silent, following what the released code reads:
 
 * ``type`` holds one intent code per turn, as in Figure 8 (``[1, 2, 4]`` = retrieval, moment,
   similar video), except ``[7]`` (several independent queries) and ``[0]`` (chit-chat).
-* Chit-chat turns appear only in ``type [0]`` dialogues. Their assistant turns carry only ``value``
+* Chit-chat turns appear in ``type [0]`` dialogues and, as a closing turn, in half of the
+  retrieval+moment dialogues (``type [1, 2, 0]``). Their assistant turns carry only ``value``
   and ``Chinese_value`` (no ``gt``/``gt_se``/``video_id``): the released code treats every assistant
   turn of a non-``[0]`` dialogue as a retrieval or moment turn and skips ``[0]`` dialogues.
 * Moment turns also carry ``candidate_videos`` with the ground truth ranked first: the test filter
@@ -505,6 +506,10 @@ class _Writer:
         return [self.human(en.format(desc=desc), zh.format(desc_zh=desc_zh)),
                 self.gpt(vid, [-1, -1], cands, *answer)]
 
+    def chat_turn(self) -> list[dict]:
+        q, q_zh, a, a_zh = CHAT_TURNS[int(self.rng.integers(len(CHAT_TURNS)))]
+        return [self.human(q, q_zh), {"from": "gpt", "value": a, "Chinese_value": a_zh}]
+
     def chat(self) -> list[dict]:
         n = int(self.rng.integers(1, 4))
         turns = []
@@ -526,7 +531,11 @@ def _dialogues(w: _Writer, clips: list[_Clip], num_chat: int, num_independent: i
         kind = primary[i % len(primary)]
         if kind == "retrieval+moment":
             turns, k = w.retrieval(c)
-            add(kind, [1, 2], turns + w.moment(c, k), c.name)
+            if (i // len(primary)) % 2 == 0:
+                # chit-chat inside a retrieval dialogue: a gpt turn with no video (intent 0)
+                add("retrieval+moment+chat", [1, 2, 0], turns + w.moment(c, k) + w.chat_turn(), c.name)
+            else:
+                add(kind, [1, 2], turns + w.moment(c, k), c.name)
         elif kind == "retrieval":
             add(kind, [1], w.retrieval(c)[0], c.name)
         elif kind == "moment":

@@ -276,3 +276,8 @@ class EvaViT(nnx.Module):
 
         return from_lavis(vit_path, ln_vision, config=config, dtype=dtype, param_dtype=param_dtype,
                           allow_missing_post_norm=allow_missing_post_norm)
+
+
+def from_hf(path, **kwargs) -> EvaViT:
+    """Module-level entry point mirroring HF's `from_pretrained`: see :meth:`EvaViT.from_hf`."""
+    return EvaViT.from_hf(path, **kwargs)

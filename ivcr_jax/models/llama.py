@@ -410,3 +410,8 @@ def _check_room(cache: KVCache, n: int) -> None:
         return
     if index + n > cache.max_len:
         raise ValueError(f"KV cache full: {index} + {n} tokens > max_len {cache.max_len}")
+
+
+def from_hf(path, **kwargs) -> Llama:
+    """Module-level entry point mirroring HF's `from_pretrained`: see :meth:`Llama.from_hf`."""
+    return Llama.from_hf(path, **kwargs)

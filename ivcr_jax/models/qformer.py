@@ -317,3 +317,8 @@ class QFormer(nnx.Module):
         """Load ``Qformer.*`` + ``query_tokens`` of a LAVIS / TimeChat / IVCR ``.pth`` file."""
         from ivcr_jax.convert.qformer import load_qformer_lavis
         return load_qformer_lavis(path, config, dtype=dtype, param_dtype=param_dtype)
+
+
+def from_hf(path, **kwargs) -> QFormer:
+    """Module-level entry point mirroring HF's `from_pretrained`: see :meth:`QFormer.from_hf`."""
+    return QFormer.from_hf(path, **kwargs)

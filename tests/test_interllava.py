@@ -1,0 +1,84 @@
+"""The InterLLaVA composition: special tokens, the <VIDEOTOKEN> splice, token counts, dtypes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ivcr_jax.configs_loader import load_config
+from ivcr_jax.models import build
+from ivcr_jax.tokenizer import SPECIAL_TOKENS, VIDEO_TOKEN
+
+
+def test_tokenizer_has_the_five_ivcr_tokens(tokenizer):
+    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    assert ids == [32000, 32001, 32002, 32003, 32004]
+    enc = tokenizer("Current video : <VID> 3 </VID> <VIDEO> <VIDEOTOKEN> </VIDEO>.", add_special_tokens=False).input_ids
+    assert enc.count(32004) == 1 and 32000 in enc and 32003 in enc
+    assert tokenizer.pad_token_id == 2 and tokenizer.bos_token_id == 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = load_config("configs/paper.py:tiny")
+    return cfg, build.build_model(build.model_config(cfg.model), seed=0)
+
+
+def _group(b, v, t, size, L, seed):
+    r = np.random.default_rng(seed)
+    return {"frames": r.integers(0, 255, (b, v, t, size, size, 3), dtype=np.uint8),
+            "timestamp_ids": r.integers(3, 1000, (b, v, t, L)).astype(np.int32),
+            "timestamp_mask": np.ones((b, v, t, L), np.int32),
+            "frame_mask": np.ones((b, v, t), bool), "video_mask": np.ones((b, v), bool)}
+
+
+def test_video_tokens_are_spliced_at_the_placeholder_positions(model, tokenizer):
+    cfg, m = model
+    q = cfg.model.video_qformer.num_query_tokens
+    # one retrieval-style group (2 videos of 12 frames -> q tokens each), one moment video of 40
+    # frames (2 windows -> 2q tokens)
+    videos = {"f12": _group(1, 2, 12, 28, 8, 0), "f40": _group(1, 1, 40, 28, 8, 1)}
+    n12, n40 = 2 * q, 2 * q
+    text = tokenizer("[INST] a " + VIDEO_TOKEN + " b " + VIDEO_TOKEN + " c " + VIDEO_TOKEN + " [/INST]",
+                     add_special_tokens=False).input_ids
+    # expand the placeholders: 2nd placeholder = the moment video (group f40), others = f12 slots
+    order = [("f12", 0), ("f40", 0), ("f12", 1)]
+    offset = {"f12": 0, "f40": n12}           # sorted group names: f12 first, then f40
+    ids, idx = [], []
+    it = iter(order)
+    for t in text:
+        if t == 32004:
+            g, slot = next(it)
+            ids += [32004] * q * (1 if g == "f12" else 2)
+            base = offset[g] + slot * q
+            idx += list(range(base, base + q * (1 if g == "f12" else 2)))
+        else:
+            ids.append(t)
+            idx.append(-1)
+    batch = {"input_ids": np.array([ids], np.int32), "attention_mask": np.ones((1, len(ids)), np.int32),
+             "video_token_index": np.array([idx], np.int32), "videos": videos}
+    emb = np.asarray(jax.jit(lambda m, b: m.input_embeddings(b))(m, batch))[0]
+    vt = np.asarray(jax.jit(lambda m, v: m.video_tokens(v))(m, videos))[0]
+    assert vt.shape[0] == n12 + n40                       # 12 frames -> q tokens, 40 -> 2q
+    txt = np.asarray(m.llama.embed(jnp.asarray(batch["input_ids"])))[0]
+    idx = np.array(idx)
+    np.testing.assert_array_equal(emb[idx < 0], txt[idx < 0])
+    np.testing.assert_array_equal(emb[idx >= 0], vt[idx[idx >= 0]])
+    # the moment video's block sits where the 2nd placeholder was, in window order
+    second = np.nonzero(np.array(ids) == 32004)[0][q:q + 2 * q]
+    np.testing.assert_array_equal(emb[second], vt[n12:n12 + n40])
+
+
+def test_dtypes_per_group_and_trainable_split():
+    from ivcr_jax.train.params import trainable_filter
+    cfg = load_config("configs/paper.py")
+    abstract = build.abstract_model(build.model_config(cfg.model))
+    _, tr, fr = nnx.split(abstract, trainable_filter(cfg.trainable), ...)
+    tr_dtypes = {str(v.get_value().dtype) for _, v in nnx.to_flat_state(tr)}
+    fr_dtypes = {str(v.get_value().dtype) for _, v in nnx.to_flat_state(fr)}
+    assert tr_dtypes == {"float32"} and fr_dtypes == {"bfloat16"}
+    n_tr = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(tr))
+    n_fr = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(fr))
+    # reference-architecture §3: ≈ 241 M trainable (33.6 M LoRA); ViT-g 39 blocks ≈ 986 M + LLaMA-2-7B
+    assert 200e6 < n_tr < 260e6, n_tr
+    assert 7.5e9 < n_fr < 8.0e9, n_fr
