@@ -14,6 +14,9 @@ import os
 import jax
 
 
+_INITIALISED = False
+
+
 def _env_int(name: str) -> int | None:
     v = os.environ.get(name)
     return int(v) if v not in (None, "") else None
@@ -35,8 +38,9 @@ def initialize(mode: str = "auto", *, compilation_cache: str | None = None) -> s
     """Initialise multi-process JAX if the environment asks for it; returns the mode used."""
     if compilation_cache:
         jax.config.update("jax_compilation_cache_dir", compilation_cache)
+    global _INITIALISED
     mode = detect() if mode == "auto" else mode
-    if mode == "single":
+    if mode == "single" or _INITIALISED:
         return mode
     if mode == "env":
         kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
@@ -50,4 +54,5 @@ def initialize(mode: str = "auto", *, compilation_cache: str | None = None) -> s
         jax.distributed.initialize(**kwargs)
     else:  # tpu / slurm / mpi: auto-detected by JAX
         jax.distributed.initialize()
+    _INITIALISED = True
     return mode

@@ -100,3 +100,11 @@ def to_device(batch: dict, mesh) -> dict:
         x = np.asarray(x)
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
     return jax.tree.map(put, {k: v for k, v in batch.items() if not isinstance(v, (str, bytes))})
+
+
+def to_host_local(x, mesh) -> np.ndarray:
+    """This process's rows of a batch-sharded global array (all rows on one process)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, batch_sharding(mesh, x.ndim).spec))

@@ -125,7 +125,8 @@ def train(config, workdir: str | Path, *, max_steps: int | None = None, progress
                     f"the state was not updated and the last good checkpoint "
                     f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact")
             if tc.aux_loss_mode == "faithful":
-                aux = losses.faithful_aux(jax.device_get(pred), host_batch, tokenizer)
+                aux = losses.combine_across_processes(
+                    losses.faithful_aux(data_lib.to_host_local(pred, mesh), host_batch, tokenizer))
                 m["loss/video"], m["loss/moment"] = aux["video"], aux["moment"]
                 m["loss"] = m["loss/lm"] + tc.alpha * aux["video"] + tc.beta * aux["moment"]
             dt = time.perf_counter() - t0

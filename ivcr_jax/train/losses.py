@@ -75,4 +75,17 @@ def faithful_aux(pred_ids: np.ndarray, batch: Mapping[str, Any], tokenizer) -> d
             v = 1.0 if span is None else iou(span, tuple(np.asarray(batch["gt_span"][i]).tolist()))
             moment.append(1.0 - v)
     return {"video": float(np.mean(video)) if video else 0.0,
-            "moment": float(np.mean(moment)) if moment else 0.0}
+            "moment": float(np.mean(moment)) if moment else 0.0,
+            "video_sum": float(np.sum(video)), "video_n": len(video),
+            "moment_sum": float(np.sum(moment)), "moment_n": len(moment)}
+
+
+def combine_across_processes(aux: dict[str, float]) -> dict[str, float]:
+    """Global means of the per-process faithful losses (every process gets the same numbers)."""
+    import jax
+    if jax.process_count() == 1:
+        return aux
+    from jax.experimental import multihost_utils
+    v = np.array([aux["video_sum"], aux["video_n"], aux["moment_sum"], aux["moment_n"]], np.float64)
+    t = np.asarray(multihost_utils.process_allgather(v)).reshape(-1, 4).sum(0)
+    return {"video": t[0] / t[1] if t[1] else 0.0, "moment": t[2] / t[3] if t[3] else 0.0}

@@ -64,23 +64,19 @@ def plan(config, mesh, *, batch_size: int | None = None, seq_len: int = 2048) ->
     abstract = build.abstract_model(mcfg, config.seed)
     graphdef, params, frozen = nnx.split(abstract, trainable_filter(config.trainable), ...)
     tx, schedule = optim.make_optimizer(config.train, params)
-    p_sh = sharding.state_shardings(params, mesh)
     f_sh = sharding.state_shardings(frozen, mesh)
 
-    def with_sh(tree, sh):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-
-    params_a, frozen_a = with_sh(params, p_sh), with_sh(frozen, f_sh)
-    state_a = jax.eval_shape(lambda p: step_lib.init_state(p, tx, config.seed), params_a)
+    state_a = jax.eval_shape(lambda p: step_lib.init_state(p, tx, config.seed), params)
     from ivcr_jax.train.loop import _state_shardings
-    st_sh = _state_shardings(params_a, tx, config.seed, mesh)
-    state_a = with_sh(state_a, st_sh)
+    st_sh = _state_shardings(params, tx, config.seed, mesh)
     n_batch = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
     b = batch_size or n_batch
     batch = abstract_batch(config, b, seq_len, mesh)
     step = step_lib.make_train_step(graphdef, tx, schedule, aux_mode="off")
     with sharding.use_mesh(mesh):
-        lowered = jax.jit(step, donate_argnums=(0,)).lower(state_a, frozen_a, batch)
+        batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+        lowered = jax.jit(step, donate_argnums=(0,), in_shardings=(st_sh, f_sh, batch_sh)).lower(
+            state_a, frozen, batch)
         compiled = lowered.compile()
     mem = compiled.memory_analysis()
     out = {"trainable_params": count(params), "frozen_params": count(frozen),
