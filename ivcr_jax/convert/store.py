@@ -20,7 +20,8 @@ from ivcr_jax.convert.common import CheckpointError, CheckpointMismatch, check_f
 FORMAT = "ivcr_jax.converted/1"
 
 
-def _nest(flat: Mapping[str, Any]) -> dict:
+def nest_paths(flat: Mapping[str, Any]) -> dict:
+    """``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
     out: dict = {}
     for k, v in flat.items():
         d = out
@@ -31,12 +32,13 @@ def _nest(flat: Mapping[str, Any]) -> dict:
     return out
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict:
+def flatten_paths(tree: Mapping[str, Any], prefix: str = "") -> dict:
+    """The inverse of :func:`nest_paths`."""
     out = {}
     for k, v in tree.items():
         key = f"{prefix}/{k}" if prefix else str(k)
         if isinstance(v, Mapping):
-            out.update(_flatten(v, key))
+            out.update(flatten_paths(v, key))
         else:
             out[key] = v
     return out
@@ -51,7 +53,7 @@ def save_flat(directory: str | Path, flat: Mapping[str, np.ndarray], meta: Mappi
         raise FileExistsError(f"{directory}/params already exists; choose an empty output directory")
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "params", _nest({k: np.asarray(v) for k, v in flat.items()}))
+        ckptr.save(directory / "params", nest_paths({k: np.asarray(v) for k, v in flat.items()}))
         ckptr.wait_until_finished()
     info = {"format": FORMAT, "num_tensors": len(flat),
             "num_params": int(sum(int(np.prod(v.shape)) for v in flat.values()))}
@@ -77,7 +79,7 @@ def saved_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
         md = ckptr.metadata(Path(directory).absolute() / "params")
     tree = getattr(md, "item_metadata", md)
     tree = getattr(tree, "tree", tree)
-    return {k: tuple(v.shape) for k, v in _flatten(tree).items()}
+    return {k: tuple(v.shape) for k, v in flatten_paths(tree).items()}
 
 
 def load_into(model: nnx.Module, directory: str | Path, *, allow_missing=()) -> nnx.Module:
@@ -93,8 +95,8 @@ def load_into(model: nnx.Module, directory: str | Path, *, allow_missing=()) -> 
         v = targets[k].get_value()
         abstract[k] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(directory / "params", _nest(abstract))
-    for k, arr in _flatten(restored).items():
+        restored = ckptr.restore(directory / "params", nest_paths(abstract))
+    for k, arr in flatten_paths(restored).items():
         targets[k][...] = arr
     return model
 

@@ -27,6 +27,7 @@ from flax import nnx
 from ivcr_jax.convert.common import CheckpointError, check_flat, flat_state
 
 __all__ = ["find_step_dir", "load_trainable", "load_weights"]
+from ivcr_jax.convert.store import flatten_paths, nest_paths
 
 
 def _is_converted(p: Path) -> bool:
@@ -54,28 +55,6 @@ def find_step_dir(path: str | Path) -> Path:
                           f"(no complete <workdir>/checkpoints/<step>/state)")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for k, v in flat.items():
-        d = out
-        parts = k.split("/")
-        for q in parts[:-1]:
-            d = d.setdefault(q, {})
-        d[parts[-1]] = v
-    return out
-
-
 def load_trainable(model: nnx.Module, checkpoint: str | Path, config) -> int:
     """Restore the trainable parameters of a training checkpoint into ``model`` in place.
 
@@ -101,17 +80,17 @@ def load_trainable(model: nnx.Module, checkpoint: str | Path, config) -> int:
     if not isinstance(tree, dict) or "params" not in tree:
         raise CheckpointError(f"{state_dir}: not an ivcr_jax train state (no 'params' entry)")
     # nnx.Variable leaves are saved as ".../<name>/value".
-    saved = {k.removesuffix("/value"): (k, v) for k, v in _flatten(tree["params"]).items()}
+    saved = {k.removesuffix("/value"): (k, v) for k, v in flatten_paths(tree["params"]).items()}
     targets = flat_state(model, trainable_filter(config.trainable))
     check_flat(str(state_dir), {k: v for k, (_, v) in saved.items()}, targets)
     abstract = {}
     for k, var in targets.items():
         x = var.get_value()
         abstract[saved[k][0]] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-    item = {"params": _nest(abstract)}
+    item = {"params": nest_paths(abstract)}
     restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-    for k, arr in _flatten(restored["params"]).items():
+    for k, arr in flatten_paths(restored["params"]).items():
         targets[k.removesuffix("/value")][...] = arr
     return int(step_dir.name) if step_dir.name.isdigit() else -1
 
