@@ -10,6 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from ivcr_jax.convert.common import CheckpointError, CheckpointMismatch  # noqa: E402
 from ivcr_jax.data.frames import normalize  # noqa: E402
+from reference import rel_err as _rel
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               image_size=28, patch_size=14, layer_norm_eps=1e-5)
@@ -32,11 +33,6 @@ def _noisy(model, seed=0):
                 p[d:2 * d] = 0
     return model.eval()
 
-
-def _rel(ours, ref):
-    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from ivcr_jax.convert import common  # noqa: E402
 from ivcr_jax.convert.common import CheckpointError, CheckpointMismatch  # noqa: E402
 from ivcr_jax.convert.qformer import convert_hf_qformer, load_qformer_hf  # noqa: E402
 from ivcr_jax.models.qformer import QFormer, QFormerConfig  # noqa: E402
+from reference import noisy as _noisy, rel_err as _rel  # noqa: E402
 
 # Tiny: 2 layers so that layer 0 has cross-attention and layer 1 has none (frequency 2).
 QCFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -22,19 +23,6 @@ VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_att
 B, Q, T, S = 2, 4, 6, 10
 
 
-def _noisy(model, seed):
-    """HF's std-0.02 init hides errors under tiny activations: perturb every weight."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
-
-def _rel(ours, ref):
-    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from ivcr_jax.convert.qformer import (LAVIS_IGNORED, convert_hf_qformer, convert
 from ivcr_jax.models.qformer import QFormer, QFormerConfig  # noqa: E402
 from ivcr_jax.models.video_qformer import (VideoQFormer, VideoQFormerConfig, interpolate_frame_pos,  # noqa: E402
                                            num_video_tokens)
+from reference import noisy as _noisy, rel_err as _rel  # noqa: E402
 
 D, L, NQ = 64, 3, 4          # width, tokens per frame (queries + kept text), video queries
 VCFG = VideoQFormerConfig(hidden=D, layers=2, heads=4, mlp_dim=128, encoder_width=D, num_query_tokens=NQ,
@@ -26,18 +27,6 @@ BLIP2 = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermed
              cross_attention_frequency=1, encoder_hidden_size=D)
 
 
-def _noisy(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
-
-def _rel(ours, ref):
-    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
