@@ -206,6 +206,38 @@ def test_process_shards_are_disjoint(setup, tokenizer):
     assert not set(ids[0]) & set(ids[1]) and sorted(ids[0] + ids[1]) == list(range(7))
 
 
+def test_process_batches_stack_into_the_single_process_batch(setup, tokenizer):
+    """Process p's local batch is rows [p·b, (p+1)·b) of what one process reading 2·b rows gets."""
+    from ivcr_jax.data.pipeline import pad_text
+
+    cfg, refs, _, _ = setup
+    whole, _ = run(dataclasses.replace(cfg, batch_size=2), refs, tokenizer, n=3, train=True, seed=0)
+    half = dataclasses.replace(cfg, batch_size=1)
+    parts = [run(half, refs, tokenizer, n=3, train=True, seed=0, process_index=pi, process_count=2)[0]
+             for pi in range(2)]
+    for k in range(3):
+        S = whole[k]["input_ids"].shape[1]
+        stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *[pad_text(p[k], S) for p in parts])
+        assert same(stacked, whole[k])
+
+
+def test_pad_text_extends_with_the_pad_values(setup, tokenizer):
+    from ivcr_jax.data.pipeline import PAD_ID, pad_text
+
+    cfg, refs, _, _ = setup
+    (b,), _ = run(cfg, refs, tokenizer, n=1, train=True, seed=0)
+    S = b["input_ids"].shape[1]
+    p = pad_text(b, S + 8)
+    assert p["input_ids"].shape == (cfg.batch_size, S + 8)
+    assert (p["input_ids"][:, S:] == PAD_ID).all() and (p["attention_mask"][:, S:] == 0).all()
+    assert (p["labels"][:, S:] == -100).all() and (p["video_token_index"][:, S:] == -1).all()
+    assert same({k: p[k][:, :S] for k in p if k in ("input_ids", "labels")},
+                {k: b[k] for k in ("input_ids", "labels")})
+    assert p["videos"] is b["videos"]
+    with pytest.raises(ValueError, match="cannot pad"):
+        pad_text(b, S - 1)
+
+
 def test_missing_video_is_skipped_and_counted(setup, tokenizer):
     cfg, _, refs_missing, _ = setup
     one = dataclasses.replace(cfg, batch_size=1, num_epochs=1)

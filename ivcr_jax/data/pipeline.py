@@ -6,7 +6,7 @@ reference-architecture §8.2–§8.3 (what a sample holds). The chain is::
     MapDataset.source(samples)
       .seed(seed).shuffle().repeat(num_epochs)        # training only: a new order every epoch
       .map_with_index(tag each element with its epoch)
-      [process_index::process_count]                  # per-process shard
+      [this process's block of every global batch]    # per-process shard (_ProcessBlocks)
       .map(load)                                      # decode frames, build tokens, pad videos
       .to_iter_dataset(ReadOptions(...))
       .mp_prefetch(MultiprocessingOptions(num_workers))   # when num_workers > 0
@@ -68,6 +68,7 @@ import math
 import threading
 from typing import Any, Mapping, Sequence
 
+import grain
 import numpy as np
 
 from ivcr_jax.data import frames as frames_lib
@@ -319,6 +320,48 @@ class _Load:
         }
 
 
+class _ProcessBlocks(grain.MapDataset):
+    """Process ``index`` of ``count`` reads, of each run of ``count·b`` consecutive elements (one
+    global batch), the block ``[index·b, (index+1)·b)``: stacked in process order the local batches
+    form the same global batch, rows in the same order, as one process reading with batch
+    ``count·b`` — so a run's losses do not depend on how many hosts feed it (as long as no sample
+    is skipped: a skip shifts only the stream of the process that met it)."""
+
+    def __init__(self, parent, index: int, count: int, local_batch: int):
+        super().__init__(parent)
+        self._index, self._count, self._b = index, count, local_batch
+        n, span = len(parent), local_batch * count
+        self._len = (n // span) * local_batch + min(local_batch, max(0, n % span - index * local_batch))
+
+    def __len__(self):
+        return self._len
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        g, r = divmod(i, self._b)
+        return self._parent[(g * self._count + self._index) * self._b + r]
+
+    def __str__(self):
+        return f"ProcessBlocks[{self._index} of {self._count}, {self._b} rows]"
+
+
+TEXT_PAD = {"input_ids": PAD_ID, "attention_mask": 0, "labels": IGNORE, "video_token_index": -1}
+
+
+def pad_text(batch: dict, length: int) -> dict:
+    """Right-pad the ``[B, S]`` text arrays of a batch to ``length`` (another bucket)."""
+    S = batch["input_ids"].shape[1]
+    if length < S:
+        raise ValueError(f"cannot pad a batch of {S} tokens to {length}")
+    if length == S:
+        return batch
+    out = dict(batch)
+    for k, v in TEXT_PAD.items():
+        out[k] = np.pad(batch[k], ((0, 0), (0, length - S)), constant_values=v)
+    return out
+
+
 class _Batch:
     """Stacks samples, pads text to a bucket and the batch to ``batch_size`` rows (weight 0)."""
 
@@ -417,7 +460,6 @@ def make_pipeline(
         default ``prepare.PreparedVideos(cfg.prepared)`` when ``cfg.prepared`` is set, else
         :class:`RawVideos` decoding the files.
     """
-    import grain
 
     if process_index is None or process_count is None:
         import jax
@@ -442,7 +484,8 @@ def make_pipeline(
         n = len(samples)
         ds = grain.MapDataset.source(samples).seed(seed).shuffle().repeat(cfg.num_epochs)
         ds = ds.map_with_index(_TagEpoch(n))
-        ds = ds[process_index::process_count]
+        if process_count > 1:
+            ds = _ProcessBlocks(ds, process_index, process_count, cfg.batch_size)
         num_local = len(ds) if cfg.num_epochs is not None else -1
     else:
         local = samples[process_index::process_count]
@@ -468,4 +511,4 @@ def make_pipeline(
 
 
 __all__ = ["PipelineConfig", "Pipeline", "PipelineStats", "RawVideos", "make_pipeline", "group_capacity",
-           "group_frames", "PAD_ID"]
+           "group_frames", "pad_text", "PAD_ID", "TEXT_PAD"]

@@ -94,8 +94,27 @@ def batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, jax.sharding.PartitionSpec(first))
 
 
+def agree_text_length(batch: dict) -> dict:
+    """Pad this process's text to the longest bucket any process chose for this step.
+
+    Each process pads its local batch to its own bucket; a global array needs one shape, so with
+    several processes the text length is agreed (one small all-gather per step) before the put.
+    """
+    if jax.process_count() == 1:
+        return batch
+    from jax.experimental import multihost_utils
+
+    from ivcr_jax.data.pipeline import pad_text
+
+    S = int(batch["input_ids"].shape[1])
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(S))))
+    return pad_text(batch, longest)
+
+
 def to_device(batch: dict, mesh) -> dict:
     """Host-local numpy batch → global jax arrays, batch axis over (data, fsdp)."""
+    batch = agree_text_length(batch)
+
     def put(x):
         x = np.asarray(x)
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)

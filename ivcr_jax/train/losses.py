@@ -87,5 +87,7 @@ def combine_across_processes(aux: dict[str, float]) -> dict[str, float]:
         return aux
     from jax.experimental import multihost_utils
     v = np.array([aux["video_sum"], aux["video_n"], aux["moment_sum"], aux["moment_n"]], np.float64)
-    t = np.asarray(multihost_utils.process_allgather(v)).reshape(-1, 4).sum(0)
+    # Sent as raw 32-bit words: JAX (x64 off) would round float64 to float32 on the way.
+    words = np.asarray(multihost_utils.process_allgather(v.view(np.uint32)))
+    t = np.ascontiguousarray(words.reshape(-1, 8)).view(np.float64).sum(0)
     return {"video": t[0] / t[1] if t[1] else 0.0, "moment": t[2] / t[3] if t[3] else 0.0}
