@@ -45,7 +45,10 @@ def model_config(tiny: bool = False) -> mlc.ConfigDict:
     m.frozen_dtype = "bfloat16"      # EVA ViT and the LLaMA base
     m.trainable_dtype = "float32"    # Q-Formers, projections, LoRA (and their Adam state)
     m.compute_dtype = "bfloat16"
-    m.remat = "full"                 # "none" | "full" | "dots": rematerialise LLaMA blocks
+    # "none" | "full" | "dots": rematerialise LLaMA blocks in the backward pass. The gradient
+    # crosses the frozen LLaMA (to reach LoRA and the projection) but never the frozen ViT, which
+    # sits behind a stop_gradient and so keeps no activations for the backward pass.
+    m.remat = "full"
     return m
 
 

@@ -145,18 +145,27 @@ def _shape(var) -> tuple[int, ...]:
     return tuple(var.get_value().shape)
 
 
-def state_specs(state: nnx.State, mesh: Mesh, rules=RULES) -> nnx.State:
-    """PartitionSpecs for every variable of an (abstract or concrete) ``nnx.State``."""
-    def spec(var):
-        return logical_to_spec(variable_names(var), _shape(var), mesh, rules)
-    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def _leaf_spec(leaf, mesh: Mesh, rules) -> P:
+    if isinstance(leaf, nnx.Variable):
+        return logical_to_spec(variable_names(leaf), _shape(leaf), mesh, rules)
+    return P()  # a bare array (optimizer step count, RNG key data): replicated
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES) -> nnx.State:
-    """NamedShardings for every variable of ``state`` (use as jit out_shardings)."""
-    def sh(var):
-        return NamedSharding(mesh, logical_to_spec(variable_names(var), _shape(var), mesh, rules))
-    return jax.tree.map(sh, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def state_specs(state: Any, mesh: Mesh, rules=RULES) -> Any:
+    """PartitionSpecs for every leaf of an (abstract or concrete) state.
+
+    Variables use their logical names; a whole train state works too: optax keeps the parameters'
+    ``Variable`` wrappers (and so their names) in moment trees like Adam's ``mu``/``nu``, so those
+    shard like the parameters, and bare arrays are replicated.
+    """
+    return jax.tree.map(lambda v: _leaf_spec(v, mesh, rules), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: Any, mesh: Mesh, rules=RULES) -> Any:
+    """NamedShardings for every leaf of ``state`` (use as jit in/out_shardings)."""
+    return jax.tree.map(lambda v: NamedSharding(mesh, _leaf_spec(v, mesh, rules)), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None], rules=RULES) -> jax.Array:

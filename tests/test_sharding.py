@@ -60,3 +60,25 @@ def test_every_parameter_has_logical_axes_and_golden_specs():
     # the big matrices are really sharded over both axes
     assert "P('fsdp', 'tensor')" in table["llama/layers/0/mlp/gate_proj/kernel"]
     assert "P('fsdp', 'tensor')" in table["vit/blocks/0/mlp/fc1/kernel"]
+
+
+def test_optimizer_moments_shard_like_their_parameters():
+    """Adam's mu/nu follow the parameters' shardings (not replicated); scalars are replicated."""
+    from ivcr_jax.train import optim, step as step_lib
+    from ivcr_jax.train.params import trainable_filter
+
+    c = load_config("configs/paper.py:tiny")
+    abstract = build.abstract_model(build.model_config(c.model), c.seed)
+    _, params, _ = nnx.split(abstract, trainable_filter(c.trainable), ...)
+    tx, _ = optim.make_optimizer(c.train, params)
+    mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
+    sh = step_lib.state_shardings(params, tx, c.seed, mesh)
+    param_specs = [s.spec for s in jax.tree.leaves(sh["params"])]
+    assert sum(s != P() for s in param_specs) > len(param_specs) // 2
+    adam = [s for s in jax.tree.leaves(sh["opt"], is_leaf=lambda x: hasattr(x, "mu"))
+            if hasattr(s, "mu")]
+    assert len(adam) == 1
+    for moment in (adam[0].mu, adam[0].nu):
+        assert jax.tree.structure(moment) == jax.tree.structure(sh["params"])
+        assert [s.spec for s in jax.tree.leaves(moment)] == param_specs
+    assert sh["step"].spec == P() and sh["rng"].spec == P()

@@ -57,6 +57,9 @@ class _Preemption:
 
 def train(config, workdir: str | Path, *, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train ``config`` in ``workdir``; returns a summary (losses per step, final step)."""
+    if "://" in str(workdir):
+        raise ValueError(f"workdir {workdir}: give a filesystem path every process can reach (a shared "
+                         f"or network mount; mount gs:// buckets with gcsfuse), not a URL")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tc = config.train
@@ -86,7 +89,7 @@ def train(config, workdir: str | Path, *, max_steps: int | None = None, progress
 
     # --- restore or initialise ---
     rng_impl = config.get("rng_impl") or None
-    state_sh = _state_shardings(params, tx, config.seed, mesh, rng_impl)
+    state_sh = step_lib.state_shardings(params, tx, config.seed, mesh, rng_impl)
     state = jax.jit(lambda p: step_lib.init_state(p, tx, config.seed, rng_impl), out_shardings=state_sh)(params)
     del params
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
@@ -144,37 +147,3 @@ def train(config, workdir: str | Path, *, max_steps: int | None = None, progress
     logger.close(data.report())
     return {"history": history, "final_step": start + len(history), "workdir": str(workdir),
             "state": state, "frozen": frozen, "graphdef": graphdef}
-
-
-def _state_shardings(params, tx, seed, mesh, rng_impl=None):
-    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, seed, rng_impl), params)
-    param_sh = sharding.state_shardings(params, mesh)
-
-    def sh(x):
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    out = jax.tree.map(sh, abstract)
-    out["params"] = param_sh
-    # Adam moments mirror the params' structure: shard them the same way.
-    out["opt"] = _opt_shardings(abstract["opt"], param_sh, mesh)
-    return out
-
-
-def _opt_shardings(opt_abstract, param_sh, mesh):
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    p_struct = jax.tree.structure(param_sh)
-
-    def walk(node):
-        try:
-            if jax.tree.structure(node) == p_struct:
-                return param_sh
-        except Exception:
-            pass
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return type(node)(*[walk(c) for c in node])
-        if isinstance(node, (tuple, list)):
-            return type(node)(walk(c) for c in node)
-        if isinstance(node, dict):
-            return {k: walk(v) for k, v in node.items()}
-        return jax.tree.map(lambda _: rep, node)
-    return walk(opt_abstract)

@@ -56,16 +56,24 @@ def scale_by_multipliers(mults) -> optax.GradientTransformation:
 
 
 def make_optimizer(cfg, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW for ``params`` (the trainable subset) from the ``config.train`` node."""
+    """AdamW for ``params`` (the trainable subset) from the ``config.train`` node.
+
+    Returns ``(tx, lr)`` where ``lr(step)`` is the learning rate of the step-th batch. Steps count
+    batches; with ``grad_accum = k`` the parameters change every k batches and update ``u`` uses
+    the rate of its last batch, ``lr(u·k + k − 1)`` (as LAVIS, which steps its scheduler every
+    iteration and its optimizer every k).
+    """
     lr = schedule(cfg)
+    k = int(cfg.grad_accum)
+    update_lr = lr if k <= 1 else (lambda count: lr(count * k + k - 1))
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
     parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=1e-8))
     if cfg.weight_decay:
         parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask(params)))
     if cfg.lr_mults:
         parts.append(scale_by_multipliers(lr_multipliers(params, cfg.lr_mults)))
-    parts.append(optax.scale_by_learning_rate(lr))
+    parts.append(optax.scale_by_learning_rate(update_lr))
     tx = optax.chain(*parts)
-    if int(cfg.grad_accum) > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=int(cfg.grad_accum))
+    if k > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=k)
     return tx, lr

@@ -67,8 +67,7 @@ def plan(config, mesh, *, batch_size: int | None = None, seq_len: int = 2048) ->
     f_sh = sharding.state_shardings(frozen, mesh)
 
     state_a = jax.eval_shape(lambda p: step_lib.init_state(p, tx, config.seed), params)
-    from ivcr_jax.train.loop import _state_shardings
-    st_sh = _state_shardings(params, tx, config.seed, mesh)
+    st_sh = step_lib.state_shardings(params, tx, config.seed, mesh)
     n_batch = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
     b = batch_size or n_batch
     batch = abstract_batch(config, b, seq_len, mesh)

@@ -24,6 +24,14 @@ def init_state(params, tx: optax.GradientTransformation, seed: int, rng_impl: st
             "rng": jax.random.key_data(jax.random.key(seed, impl=rng_impl))}
 
 
+def state_shardings(params, tx: optax.GradientTransformation, seed: int, mesh, rng_impl: str | None = None):
+    """Shardings of the whole train state: parameters and the optimizer's moment trees by the
+    parameters' logical names (optax keeps their ``Variable`` wrappers), scalars and the key replicated."""
+    from ivcr_jax import sharding
+
+    return sharding.state_shardings(jax.eval_shape(lambda p: init_state(p, tx, seed, rng_impl), params), mesh)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, *,
                     aux_mode: str = "faithful", alpha: float = 0.01, beta: float = 0.01,
                     digit_ids=None, rng_impl: str | None = None) -> Callable:
