@@ -234,29 +234,32 @@ def train(config, index_dir: str | os.PathLike, annotations: str | os.PathLike, 
     base_key = jax.random.key(config.seed, impl=tc.prng_impl)
     losses, t0 = [], time.time()
     mlog = open(workdir / "metrics.jsonl", "a")
-    for step in range(start + 1, total + 1):
-        batch = next(it)
-        m = train_step(model, opt, batch, jax.random.fold_in(base_key, step),
-                       mask_same_video=bool(tc.mask_same_video))
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss} at step {step}")
-        losses.append(loss)
-        if step % tc.log_every == 0 or step == total:
-            rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                   "logit_scale": float(m["logit_scale"]), "lr": float(sched(step - 1)),
-                   "sec": round(time.time() - t0, 2)}
-            mlog.write(json.dumps(rec) + "\n")
-            mlog.flush()
-            log(f"[xpool] step {step}/{total} loss {loss:.4f} scale {rec['logit_scale']:.3f}")
-        if tc.ckpt_every and step % tc.ckpt_every == 0 and step < total:
-            save(step)
-        if tc.eval_every and step % tc.eval_every == 0 and step < total:
-            _eval_and_log(model, index, annotations, encode, config, step, mlog, log)
-    if total > start:
-        save(total)
-    mngr.wait_until_finished()
-    mngr.close()
+    try:
+        for step in range(start + 1, total + 1):
+            batch = next(it)
+            m = train_step(model, opt, batch, jax.random.fold_in(base_key, step),
+                           mask_same_video=bool(tc.mask_same_video))
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss} at step {step}")
+            losses.append(loss)
+            if step % tc.log_every == 0 or step == total:
+                rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                       "logit_scale": float(m["logit_scale"]), "lr": float(sched(step - 1)),
+                       "sec": round(time.time() - t0, 2)}
+                mlog.write(json.dumps(rec) + "\n")
+                mlog.flush()
+                log(f"[xpool] step {step}/{total} loss {loss:.4f} scale {rec['logit_scale']:.3f}")
+            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < total:
+                save(step)
+            if tc.eval_every and step % tc.eval_every == 0 and step < total:
+                _eval_and_log(model, index, annotations, encode, config, step, mlog, log)
+        if total > start:
+            save(total)
+    finally:
+        # Also on an exception: a save in flight completes, so the last checkpoint is kept.
+        mngr.wait_until_finished()
+        mngr.close()
     save_xpool(model, workdir)
     result = {"step": total, "losses": losses,
               "eval": _eval_and_log(model, index, annotations, encode, config, total, mlog, log)
