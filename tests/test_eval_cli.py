@@ -103,17 +103,6 @@ def test_other_malformed_lines(tmp_path, capsys, line, why):
     assert f"{pred}:2:" in err and why in err
 
 
-def test_model_mode_without_run_model_gives_clear_error(tmp_path, capsys):
-    ann = write_annotations(tmp_path / "ivcr.json")
-    try:
-        import ivcr_jax.eval.run_model  # noqa: F401
-        pytest.skip("ivcr_jax.eval.run_model exists; the model-driven mode is tested with it")
-    except ImportError:
-        pass
-    assert main(["--annotations", str(ann), "--out", str(tmp_path / "o"), "--config", "x"]) == 2
-    assert "model evaluation not available" in capsys.readouterr().err
-
-
 def test_python_dash_m_entry_point(files):
     ann, pred, out = files
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
