@@ -41,20 +41,25 @@ def _free_port():
 
 
 def _two_processes(corpus, workdir, max_steps):
+    """Both processes of one run; their output goes to files (a full pipe would stall a process
+    inside a collective while the other waits for it)."""
     addr = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen(_cmd(corpus, workdir, max_steps), cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=_env(XLA_FLAGS="", JAX_COORDINATOR_ADDRESS=addr,
-                                       JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
-             for i in range(2)]
-    outs = []
+    logs = [workdir.parent / f"{workdir.name}_{max_steps}_p{i}.log" for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen(
+                _cmd(corpus, workdir, max_steps), cwd=ROOT, text=True, stdout=f, stderr=subprocess.STDOUT,
+                env=_env(XLA_FLAGS="", JAX_COORDINATOR_ADDRESS=addr, JAX_NUM_PROCESSES="2",
+                         JAX_PROCESS_ID=str(i))))
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=900)[0])
+            p.wait(timeout=900)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    outs = [log.read_text() for log in logs]
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-4000:]}"
     return outs
