@@ -381,10 +381,7 @@ class _Batch:
         S = self.bucket(max([len(r["input_ids"]) for r in real], default=1))
         L, size = cfg.timestamp_len, cfg.frame_size
         out = {
-            "input_ids": np.full((B, S), PAD_ID, np.int32),
-            "attention_mask": np.zeros((B, S), np.int32),
-            "labels": np.full((B, S), IGNORE, np.int32),
-            "video_token_index": np.full((B, S), -1, np.int32),
+            **{k: np.full((B, S), v, np.int32) for k, v in TEXT_PAD.items()},
             "videos": {g: {
                 "frames": np.zeros((B, V, self.group_frames[g], size, size, 3), np.uint8),
                 "timestamp_ids": np.full((B, V, self.group_frames[g], L), PAD_ID, np.int32),

@@ -234,7 +234,7 @@ def train(config, index_dir: str | os.PathLike, annotations: str | os.PathLike, 
     base_key = jax.random.key(config.seed, impl=tc.prng_impl)
     losses, t0 = [], time.time()
     mlog = open(workdir / "metrics.jsonl", "a")
-    try:
+    with mngr:  # closing waits for a save in flight, also when the loop raises
         for step in range(start + 1, total + 1):
             batch = next(it)
             m = train_step(model, opt, batch, jax.random.fold_in(base_key, step),
@@ -256,10 +256,6 @@ def train(config, index_dir: str | os.PathLike, annotations: str | os.PathLike, 
                 _eval_and_log(model, index, annotations, encode, config, step, mlog, log)
         if total > start:
             save(total)
-    finally:
-        # Also on an exception: a save in flight completes, so the last checkpoint is kept.
-        mngr.wait_until_finished()
-        mngr.close()
     save_xpool(model, workdir)
     result = {"step": total, "losses": losses,
               "eval": _eval_and_log(model, index, annotations, encode, config, total, mlog, log)

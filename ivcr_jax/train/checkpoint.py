@@ -51,6 +51,13 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        # Also when the body raises: a save in flight completes, so the last checkpoint is kept.
+        self.close()
+
 
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a concrete tree: the restore target."""

@@ -110,43 +110,39 @@ def train(config, workdir: str | Path, *, max_steps: int | None = None, progress
     logger.info(f"trainable {n_train:,} / frozen {n_frozen:,} parameters; mesh {dict(mesh.shape)}; "
                 f"start step {start}")
     history = []
-    try:
-        with _Preemption() as pre:
-            for step in range(start, total):
-                t0 = time.perf_counter()
-                host_batch = next(data.iterator)
-                if tc.aux_loss_mode == "differentiable":
-                    from ivcr_jax.train.aux_losses import add_targets
-                    host_batch = add_targets(host_batch, tokenizer)
-                batch = data_lib.to_device(host_batch, mesh)
-                with sharding.use_mesh(mesh):
-                    state, metrics, pred = step_fn(state, frozen, batch)
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not m.pop("finite"):
-                    ckpt.wait()
-                    raise NonFiniteLoss(
-                        f"non-finite loss at step {step + 1} (loss {m['loss']}, grad norm {m['grad_norm']}); "
-                        f"the state was not updated and the last good checkpoint "
-                        f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact")
-                if tc.aux_loss_mode == "faithful":
-                    aux = losses.combine_across_processes(
-                        losses.faithful_aux(data_lib.to_host_local(pred, mesh), host_batch, tokenizer))
-                    m["loss/video"], m["loss/moment"] = aux["video"], aux["moment"]
-                    m["loss"] = m["loss/lm"] + tc.alpha * aux["video"] + tc.beta * aux["moment"]
-                dt = time.perf_counter() - t0
-                m["step_time"] = dt
-                m["tokens_per_s"] = m["tokens"] / dt
-                history.append({"step": step + 1, **m})
-                logger.step(step + 1, m)
-                last = step + 1 == total
-                if (step + 1) % tc.ckpt_every == 0 or last or pre.requested or ckpt.reached_preemption(step + 1):
-                    ckpt.save(step + 1, state, data.iterator, force=True)
-                if pre.requested:
-                    logger.info(f"SIGTERM: saved step {step + 1}, exiting")
-                    break
-    finally:
-        # Also when the loop raises: a save in flight completes, so the last checkpoint is kept.
-        ckpt.close()
+    with ckpt, _Preemption() as pre:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            host_batch = next(data.iterator)
+            if tc.aux_loss_mode == "differentiable":
+                from ivcr_jax.train.aux_losses import add_targets
+                host_batch = add_targets(host_batch, tokenizer)
+            batch = data_lib.to_device(host_batch, mesh)
+            with sharding.use_mesh(mesh):
+                state, metrics, pred = step_fn(state, frozen, batch)
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not m.pop("finite"):
+                ckpt.wait()
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {step + 1} (loss {m['loss']}, grad norm {m['grad_norm']}); "
+                    f"the state was not updated and the last good checkpoint "
+                    f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact")
+            if tc.aux_loss_mode == "faithful":
+                aux = losses.combine_across_processes(
+                    losses.faithful_aux(data_lib.to_host_local(pred, mesh), host_batch, tokenizer))
+                m["loss/video"], m["loss/moment"] = aux["video"], aux["moment"]
+                m["loss"] = m["loss/lm"] + tc.alpha * aux["video"] + tc.beta * aux["moment"]
+            dt = time.perf_counter() - t0
+            m["step_time"] = dt
+            m["tokens_per_s"] = m["tokens"] / dt
+            history.append({"step": step + 1, **m})
+            logger.step(step + 1, m)
+            last = step + 1 == total
+            if (step + 1) % tc.ckpt_every == 0 or last or pre.requested or ckpt.reached_preemption(step + 1):
+                ckpt.save(step + 1, state, data.iterator, force=True)
+            if pre.requested:
+                logger.info(f"SIGTERM: saved step {step + 1}, exiting")
+                break
     logger.close(data.report())
     return {"history": history, "final_step": start + len(history), "workdir": str(workdir),
             "state": state, "frozen": frozen, "graphdef": graphdef}

@@ -59,12 +59,17 @@ def abstract_batch(config, batch_size: int, seq_len: int, mesh) -> dict:
     }
 
 
-def abstract_inputs(config, mesh, *, batch_size: int | None = None, seq_len: int = 2048):
+def _abstract_split(config):
+    """``(graphdef, params, frozen, tx, schedule)`` of the model, abstract (no allocation)."""
+    abstract = build.abstract_model(build.model_config(config.model), config.seed)
+    graphdef, params, frozen = nnx.split(abstract, trainable_filter(config.trainable), ...)
+    tx, schedule = optim.make_optimizer(config.train, params)
+    return graphdef, params, frozen, tx, schedule
+
+
+def abstract_inputs(config, mesh, *, batch_size: int | None = None, seq_len: int = 2048, split=None):
     """``(state, frozen, batch)`` of one train step as sharded ``ShapeDtypeStruct``s."""
-    mcfg = build.model_config(config.model)
-    abstract = build.abstract_model(mcfg, config.seed)
-    _, params, frozen = nnx.split(abstract, trainable_filter(config.trainable), ...)
-    tx, _ = optim.make_optimizer(config.train, params)
+    _, params, frozen, tx, _ = split or _abstract_split(config)
     state = _with_shardings(jax.eval_shape(lambda p: step_lib.init_state(p, tx, config.seed), params),
                             step_lib.state_shardings(params, tx, config.seed, mesh))
     frozen = _with_shardings(frozen, sharding.state_shardings(frozen, mesh))
@@ -84,11 +89,9 @@ def _with_shardings(tree, shardings):
 
 def plan(config, mesh, *, batch_size: int | None = None, seq_len: int = 2048) -> dict:
     """Compile the paper step for ``mesh`` without allocating; per-device bytes and FLOPs."""
-    mcfg = build.model_config(config.model)
-    abstract = build.abstract_model(mcfg, config.seed)
-    graphdef, params, frozen_a = nnx.split(abstract, trainable_filter(config.trainable), ...)
-    tx, schedule = optim.make_optimizer(config.train, params)
-    state, frozen, batch = abstract_inputs(config, mesh, batch_size=batch_size, seq_len=seq_len)
+    split = _abstract_split(config)
+    graphdef, params, frozen_a, tx, schedule = split
+    state, frozen, batch = abstract_inputs(config, mesh, batch_size=batch_size, seq_len=seq_len, split=split)
     b = batch["input_ids"].shape[0]
     step = step_lib.make_train_step(graphdef, tx, schedule, aux_mode="off")
     with sharding.use_mesh(mesh):
