@@ -9,15 +9,12 @@ losses equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ivcr_jax import distributed, sharding

@@ -12,14 +12,13 @@ before paying for it (MaxText's ``train_compile.py`` idea).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from ivcr_jax import sharding
 from ivcr_jax.models import build
