@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 import jax.numpy as jnp  # noqa: E402
 
-from ivcr_jax.convert.common import CheckpointError, CheckpointMismatch  # noqa: E402
+from ivcr_jax.models.params import CheckpointError, CheckpointMismatch
 from ivcr_jax.data.frames import normalize  # noqa: E402
 from reference import rel_err as _rel
 

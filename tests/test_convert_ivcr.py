@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ivcr_jax.configs_loader import load_config
-from ivcr_jax.convert import common
+from ivcr_jax.models import params as params_lib
 from ivcr_jax.convert.__main__ import main as convert_main
 from ivcr_jax.models import build
 
@@ -109,7 +109,7 @@ def converted(sources, tmp_path_factory):
     assert rc == 0
     model = build.build_model(CFG, seed=1)
     build.load_converted(model, out)
-    return out, common.flat_state(model)
+    return out, params_lib.flat_state(model)
 
 
 def _np(v):

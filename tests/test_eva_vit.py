@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from ivcr_jax import sharding  # noqa: E402
 from ivcr_jax.convert import eva_vit as conv  # noqa: E402
-from ivcr_jax.convert.common import CheckpointError, CheckpointMismatch  # noqa: E402
+from ivcr_jax.models.params import CheckpointError, CheckpointMismatch
 from ivcr_jax.models.eva_vit import EvaViT, EvaViTConfig, bicubic_matrix, resize_pos_embed  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

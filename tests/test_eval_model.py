@@ -112,10 +112,10 @@ def test_main_reports_missing_inputs(setup, tmp_path, capsys):
 def test_load_trainable_restores_a_training_checkpoint_over_the_base(setup, tmp_path):
     import optax
 
-    from ivcr_jax.convert.common import CheckpointError, CheckpointMismatch
+    from ivcr_jax.models.params import CheckpointError, CheckpointMismatch
     from ivcr_jax.eval.restore import find_step_dir, load_weights
     from ivcr_jax.train.checkpoint import Checkpointer
-    from ivcr_jax.train.params import trainable_filter
+    from ivcr_jax.models.params import trainable_filter
     from ivcr_jax.train.step import init_state
 
     config = setup["config"]
@@ -145,7 +145,7 @@ def test_load_trainable_restores_a_training_checkpoint_over_the_base(setup, tmp_
         load_weights(model, tmp_path, config)
 
     # A converted directory (python -m ivcr_jax.convert) replaces every parameter.
-    from ivcr_jax.convert.common import flat_state
+    from ivcr_jax.models.params import flat_state
     from ivcr_jax.convert.store import save_flat
 
     save_flat(tmp_path / "converted", {k: np.asarray(v.get_value()) for k, v in flat_state(model).items()})

@@ -24,7 +24,7 @@ def random_model(config, seed: int = 0):
     Kernels ~ N(0, 1/fan_in), norm scales ~ 1, LoRA B non-zero (so the adapters take part), embeddings
     ~ N(0, 1): the logits spread over the vocabulary, so greedy and sampled tokens vary.
     """
-    from ivcr_jax.convert.common import flat_state
+    from ivcr_jax.models.params import flat_state
     from ivcr_jax.models import build
 
     model = build.abstract_model(build.model_config(config.model), seed)

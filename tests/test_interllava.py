@@ -70,7 +70,7 @@ def test_video_tokens_are_spliced_at_the_placeholder_positions(model, tokenizer)
 
 
 def test_dtypes_per_group_and_trainable_split():
-    from ivcr_jax.train.params import trainable_filter
+    from ivcr_jax.models.params import trainable_filter
     cfg = load_config("configs/paper.py")
     abstract = build.abstract_model(build.model_config(cfg.model))
     _, tr, fr = nnx.split(abstract, trainable_filter(cfg.trainable), ...)

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from ivcr_jax.convert import llama as convert  # noqa: E402
-from ivcr_jax.convert.common import CheckpointError, CheckpointMismatch, flat_state  # noqa: E402
+from ivcr_jax.models.params import CheckpointError, CheckpointMismatch, flat_state
 from ivcr_jax.models.llama import KVCache, Llama, LlamaConfig, LlamaOutput  # noqa: E402
 from ivcr_jax.models.lora import LoRAConfig  # noqa: E402
 

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from ivcr_jax.convert import llama as convert  # noqa: E402
-from ivcr_jax.convert.common import CheckpointError, CheckpointMismatch  # noqa: E402
+from ivcr_jax.models.params import CheckpointError, CheckpointMismatch
 from ivcr_jax.models.llama import Llama  # noqa: E402
 from ivcr_jax.models.lora import (LoRAConfig, LoRADense, lora_param_count, lora_state,  # noqa: E402
                                   merge_lora)

@@ -10,7 +10,8 @@ from flax import nnx  # noqa: E402
 
 from ivcr_jax import sharding  # noqa: E402
 from ivcr_jax.convert import common  # noqa: E402
-from ivcr_jax.convert.common import CheckpointError, CheckpointMismatch  # noqa: E402
+from ivcr_jax.models import params as params_lib  # noqa: E402
+from ivcr_jax.models.params import CheckpointError, CheckpointMismatch
 from ivcr_jax.convert.qformer import convert_hf_qformer, load_qformer_hf  # noqa: E402
 from ivcr_jax.models.qformer import QFormer, QFormerConfig  # noqa: E402
 from reference import noisy as _noisy, rel_err as _rel  # noqa: E402
@@ -100,7 +101,7 @@ def test_text_only_pass_matches_instructblip(bare, inputs):
 def test_bf16_within_tolerance(bare, inputs):
     d, model = bare
     ours = QFormer.from_hf(d, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    assert common.flat_state(ours)["layers/0/self_attn/query/kernel"][...].dtype == jnp.bfloat16
+    assert params_lib.flat_state(ours)["layers/0/self_attn/query/kernel"][...].dtype == jnp.bfloat16
     out = _ours_image(ours, inputs)   # (and the text-only mask convention)
     assert out.dtype == jnp.bfloat16
     # measured 1.4e-2 (bf16 weights and matmuls; LayerNorm, softmax and residual sums in fp32)
@@ -152,7 +153,7 @@ def test_every_parameter_has_logical_axes():
     cfg = QFormerConfig(vocab_size=50, hidden=32, layers=2, heads=4, mlp_dim=64, max_positions=16,
                         encoder_width=24, num_query_tokens=4)
     model = nnx.eval_shape(lambda: QFormer(cfg, rngs=nnx.Rngs(0)))
-    flat = common.flat_state(model)
+    flat = params_lib.flat_state(model)
     assert "layers/0/cross_attn/key/kernel" in flat and "layers/1/cross_attn/key/kernel" not in flat
     rules = dict(sharding.RULES)
     for path, var in flat.items():

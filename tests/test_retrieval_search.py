@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ivcr_jax import sharding
-from ivcr_jax.convert.common import flat_state
+from ivcr_jax.models.params import flat_state
 from ivcr_jax.retrieval.index import VideoIndex
 from ivcr_jax.retrieval.metrics import compute_metrics, gt_ranks, t2v_metrics
 from ivcr_jax.retrieval.search import FirstStage, Retriever, write_candidates

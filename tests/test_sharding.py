@@ -65,7 +65,7 @@ def test_every_parameter_has_logical_axes_and_golden_specs():
 def test_optimizer_moments_shard_like_their_parameters():
     """Adam's mu/nu follow the parameters' shardings (not replicated); scalars are replicated."""
     from ivcr_jax.train import optim, step as step_lib
-    from ivcr_jax.train.params import trainable_filter
+    from ivcr_jax.models.params import trainable_filter
 
     c = load_config("configs/paper.py:tiny")
     abstract = build.abstract_model(build.model_config(c.model), c.seed)

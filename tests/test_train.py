@@ -15,7 +15,7 @@ from ivcr_jax.train import aux_losses, optim, step as step_lib
 from ivcr_jax.train import data as data_lib
 from ivcr_jax.train.checkpoint import Checkpointer
 from ivcr_jax.train.loop import NonFiniteLoss, train
-from ivcr_jax.train.params import trainable_filter
+from ivcr_jax.models.params import trainable_filter
 
 
 def _config(corpus, **train):

@@ -12,7 +12,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ivcr_jax.convert import common  # noqa: E402
-from ivcr_jax.convert.common import CheckpointError, CheckpointMismatch  # noqa: E402
+from ivcr_jax.models import params as params_lib  # noqa: E402
+from ivcr_jax.models.params import CheckpointError, CheckpointMismatch
 from ivcr_jax.convert.qformer import (LAVIS_IGNORED, convert_hf_qformer, convert_lavis, empty_model,  # noqa: E402
                                       load_qformer_lavis, load_video_qformer_lavis, video_qformer_flat)
 from ivcr_jax.models.qformer import QFormer, QFormerConfig  # noqa: E402
@@ -46,7 +47,7 @@ def ref(tmp_path_factory):
 def _model(ref, cfg=VCFG):
     bert = convert_hf_qformer(common.read_hf_dir(ref["dir"]), source=str(ref["dir"])).qformer
     m = empty_model(lambda: VideoQFormer(cfg, rngs=nnx.Rngs(0)))
-    common.load_flat(m, video_qformer_flat(bert, ref["tokens"].numpy(), ref["table32"].numpy(),
+    params_lib.load_flat(m, video_qformer_flat(bert, ref["tokens"].numpy(), ref["table32"].numpy(),
                                            max_frame_pos=cfg.max_frame_pos))
     return m
 
@@ -205,7 +206,7 @@ def test_lavis_file_loads_and_matches_hf_route(ref, lavis):
     # image Q-Former: exactly the HF route's parameters, plus the query tokens
     ours = load_qformer_lavis(lavis["path"], IMAGE)
     hf_route = QFormer.from_hf(lavis["image_dir"])
-    got, want = common.flat_state(ours), common.flat_state(hf_route)
+    got, want = params_lib.flat_state(ours), params_lib.flat_state(hf_route)
     assert set(got) == set(want) | {"query_tokens"}
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k][...]), np.asarray(want[k][...]), err_msg=k)

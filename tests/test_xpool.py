@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ivcr_jax.convert.common import flat_state
+from ivcr_jax.models.params import flat_state
 from ivcr_jax.retrieval.xpool import (XPool, XPoolConfig, clamp_logit_scale, infonce, pair_cosine,
                                       similarity_matrix)
 

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     ins.add_argument("--limit", type=int, default=100000)
     args = ap.parse_args(argv)
 
-    from ivcr_jax.convert.common import CheckpointError
+    from ivcr_jax.models.params import CheckpointError
 
     try:
         if args.cmd == "inspect":

@@ -23,8 +23,8 @@ import numpy as np
 from flax import nnx
 
 from ivcr_jax.convert import eva_vit as eva_convert
-from ivcr_jax.convert.common import (CheckpointError, CheckpointMismatch, load_flat, read_hf_config,
-                                     read_hf_dir, read_torch, torch_linear)
+from ivcr_jax.convert.common import read_hf_config, read_hf_dir, read_torch, torch_linear
+from ivcr_jax.models.params import CheckpointError, CheckpointMismatch, load_flat
 from ivcr_jax.convert.qformer import convert_hf_qformer, convert_lavis, empty_model
 from ivcr_jax.models.eva_vit import EvaViTConfig
 from ivcr_jax.models.qformer import QFormerConfig

@@ -5,9 +5,9 @@ Readers yield one tensor at a time (safetensors through memory maps, ``.bin``/``
 memory than the converted weights themselves.
 
 A converter builds a flat ``{"a/b/c": np.ndarray}`` dict whose keys are the ``/``-joined paths of
-the target model's parameters (``nnx.to_pure_dict`` paths). :func:`load_flat` checks that dict
-against the model and raises :class:`CheckpointMismatch` listing every missing, unexpected and
-mis-shaped key — a partial load never happens silently.
+the target model's parameters (``nnx.to_pure_dict`` paths). ``ivcr_jax.models.params.load_flat``
+checks that dict against the model and raises ``CheckpointMismatch`` listing every missing,
+unexpected and mis-shaped key — a partial load never happens silently.
 """
 from __future__ import annotations
 
@@ -15,35 +15,12 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Iterator, Mapping
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax import nnx
 
-
-class CheckpointError(ValueError):
-    """A file is not a checkpoint of the expected kind."""
-
-
-class CheckpointMismatch(CheckpointError):
-    """Keys or shapes of a checkpoint do not match the model."""
-
-    def __init__(self, source: str, missing=(), unexpected=(), mismatched=()):
-        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
-        lines = [f"checkpoint {source} does not match the model:"]
-        if self.missing:
-            lines.append(f"  missing keys ({len(self.missing)}): " + ", ".join(self.missing[:50])
-                         + (" ..." if len(self.missing) > 50 else ""))
-        if self.unexpected:
-            lines.append(f"  unexpected keys ({len(self.unexpected)}): " + ", ".join(self.unexpected[:50])
-                         + (" ..." if len(self.unexpected) > 50 else ""))
-        if self.mismatched:
-            lines.append(f"  mis-shaped keys ({len(self.mismatched)}): " + ", ".join(
-                f"{k} (checkpoint {a}, model {b})" for k, a, b in self.mismatched[:50]))
-        super().__init__("\n".join(lines))
+from ivcr_jax.models.params import CheckpointError
 
 
 # ----------------------------------------------------------------------------- readers
@@ -156,43 +133,6 @@ def read_hf_config(directory: str | os.PathLike) -> dict:
     if not p.is_file():
         raise CheckpointError(f"{directory}: no config.json (expected an HF save_pretrained directory)")
     return json.loads(p.read_text())
-
-
-# ----------------------------------------------------------------------------- assignment
-
-def flat_state(model: nnx.Module, filter=nnx.Param) -> dict[str, Any]:
-    """``{"a/b/c": Variable}`` for every variable of ``model`` matching ``filter``."""
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, filter)):
-        out["/".join(str(p) for p in path)] = var
-    return out
-
-
-def check_flat(source: str, flat: Mapping[str, np.ndarray], targets: Mapping[str, Any],
-               allow_missing=()) -> None:
-    """Raise :class:`CheckpointMismatch` unless ``flat`` covers ``targets`` with equal shapes."""
-    import re
-    missing = [k for k in targets if k not in flat and not any(re.fullmatch(p, k) for p in allow_missing)]
-    unexpected = [k for k in flat if k not in targets]
-    def shape(t):
-        return tuple((t.get_value() if hasattr(t, "get_value") else t).shape)
-    mismatched = [(k, tuple(flat[k].shape), shape(targets[k]))
-                  for k in flat if k in targets and tuple(flat[k].shape) != shape(targets[k])]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatch(source, missing, unexpected, mismatched)
-
-
-def load_flat(model: nnx.Module, flat: Mapping[str, np.ndarray], source: str = "<weights>",
-              allow_missing=(), filter=nnx.Param) -> nnx.Module:
-    """Assign ``flat`` to ``model``'s variables in place (cast to each variable's dtype)."""
-    targets = flat_state(model, filter)
-    check_flat(source, flat, targets, allow_missing)
-    for k, arr in flat.items():
-        var = targets[k]
-        # set_value also fills an abstractly created (ShapeDtypeStruct) variable, so a model
-        # built with nnx.eval_shape is loaded without first materialising random weights.
-        var.set_value(jnp.asarray(np.asarray(arr), dtype=var.get_value().dtype))
-    return model
 
 
 def torch_linear(w: np.ndarray) -> np.ndarray:

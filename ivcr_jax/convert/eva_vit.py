@@ -15,7 +15,7 @@ Two sources (reference-architecture.md §1 and §7):
 
 ``convert_*`` functions return a flat ``{our/param/path: np.ndarray}`` dict (already in the target
 parameter dtype) so a combined converter can merge towers; ``from_*`` build the module and assign
-it with :func:`ivcr_jax.convert.common.load_flat`. Tensors are read and cast one at a time, so
+it with :func:`ivcr_jax.models.params.load_flat`. Tensors are read and cast one at a time, so
 host memory stays close to one copy of the converted weights. torch is needed only for
 ``.pth``/``.bin`` files.
 """
@@ -31,7 +31,9 @@ import numpy as np
 from flax import nnx
 
 from ivcr_jax.convert import common
-from ivcr_jax.convert.common import CheckpointError, CheckpointMismatch, torch_conv, torch_linear
+from ivcr_jax.models import params as params_lib
+from ivcr_jax.convert.common import torch_conv, torch_linear
+from ivcr_jax.models.params import CheckpointError, CheckpointMismatch
 from ivcr_jax.models.eva_vit import EvaViT, EvaViTConfig, resize_pos_embed
 
 Flat = dict[str, np.ndarray]
@@ -350,7 +352,7 @@ def load(flat: Mapping[str, np.ndarray], config: EvaViTConfig, *, source: str = 
          dtype=jnp.float32, param_dtype=jnp.float32, allow_missing=()) -> EvaViT:
     """Build an :class:`EvaViT` and assign a flat dict to it (strict, via ``load_flat``)."""
     model = _empty_model(config, dtype, param_dtype)
-    return common.load_flat(model, flat, source, allow_missing=allow_missing)
+    return params_lib.load_flat(model, flat, source, allow_missing=allow_missing)
 
 
 def from_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ivcr_jax.convert import common, eva_vit as eva_conv, llama as llama_conv, qformer as qf_conv
-from ivcr_jax.convert.common import CheckpointMismatch, torch_linear
+from ivcr_jax.models import params as params_lib
+from ivcr_jax.convert.common import torch_linear
+from ivcr_jax.models.params import CheckpointMismatch
 from ivcr_jax.models.interllava import InterLLaVAConfig
 
 
@@ -99,11 +101,11 @@ def save_ivcr(cfg: InterLLaVAConfig, out: str | Path, *, check: bool = True, **s
     from ivcr_jax.convert.store import save_flat
     from ivcr_jax.models.build import abstract_model
 
-    targets = common.flat_state(abstract_model(cfg))
+    targets = params_lib.flat_state(abstract_model(cfg))
     dtypes = {k: np.dtype(v.get_value().dtype) for k, v in targets.items()}
     flat = convert_ivcr(cfg, model_dtypes=dtypes, **sources)
     if check:
-        common.check_flat("+".join(str(v) for v in sources.values() if v), flat, targets)
+        params_lib.check_flat("+".join(str(v) for v in sources.values() if v), flat, targets)
     save_flat(out, flat, {"recipe": "ivcr", "sources": {k: str(v) for k, v in sources.items() if v},
                           "model": dataclasses.asdict(cfg)})
     return Path(out)

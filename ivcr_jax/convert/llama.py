@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ivcr_jax.convert.common import (CheckpointError, CheckpointMismatch, flat_state, load_flat,
-                                     read_any, read_hf_config, read_hf_dir)
+from ivcr_jax.convert.common import read_any, read_hf_config, read_hf_dir
+from ivcr_jax.models.params import CheckpointError, CheckpointMismatch, flat_state, load_flat
 from ivcr_jax.models.llama import Llama, LlamaConfig
 from ivcr_jax.models.lora import BASE_PARAMS, LoRAConfig
 

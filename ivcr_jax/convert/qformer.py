@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ivcr_jax.convert.common import (CheckpointError, CheckpointMismatch, load_flat, read_hf_config,
-                                     read_hf_dir, read_torch, torch_linear)
+from ivcr_jax.convert.common import read_hf_config, read_hf_dir, read_torch, torch_linear
+from ivcr_jax.models.params import CheckpointError, CheckpointMismatch, load_flat
 from ivcr_jax.models.qformer import QFormer, QFormerConfig
 from ivcr_jax.models.video_qformer import VideoQFormer, VideoQFormerConfig, interpolate_frame_pos
 

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ivcr_jax.convert.common import CheckpointError, check_flat, flat_state
+from ivcr_jax.models.params import CheckpointError, check_flat, flat_state
 
 __all__ = ["find_step_dir", "load_trainable", "load_weights"]
 from ivcr_jax.convert.store import flatten_paths, nest_paths
@@ -59,11 +59,11 @@ def load_trainable(model: nnx.Module, checkpoint: str | Path, config) -> int:
     """Restore the trainable parameters of a training checkpoint into ``model`` in place.
 
     ``checkpoint``: a workdir, its ``checkpoints/`` directory or a step directory. The parameters
-    are those ``ivcr_jax.train.params.trainable_filter(config.trainable)`` selects. Returns the step.
+    are those ``ivcr_jax.models.params.trainable_filter(config.trainable)`` selects. Returns the step.
     """
     import orbax.checkpoint as ocp
 
-    from ivcr_jax.train.params import trainable_filter
+    from ivcr_jax.models.params import trainable_filter
 
     step_dir = find_step_dir(checkpoint)
     state_dir = (step_dir / "state").absolute()

@@ -133,7 +133,7 @@ def train_step(model: XPool, opt: nnx.Optimizer, batch: dict, rng: jax.Array, ma
 def save_xpool(model: XPool, directory: str | os.PathLike) -> Path:
     """``xpool.safetensors`` (flat ``a/b/c`` keys) + ``xpool_config.json``."""
     from safetensors.numpy import save_file
-    from ivcr_jax.convert.common import flat_state
+    from ivcr_jax.models.params import flat_state
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     flat = {k: np.asarray(v[...], np.float32) for k, v in flat_state(model).items()}
@@ -144,7 +144,8 @@ def save_xpool(model: XPool, directory: str | os.PathLike) -> Path:
 
 def load_xpool(path: str | os.PathLike) -> XPool:
     """Load :func:`save_xpool`'s output (the file or its directory)."""
-    from ivcr_jax.convert.common import CheckpointError, load_flat, read_safetensors
+    from ivcr_jax.convert.common import read_safetensors
+    from ivcr_jax.models.params import CheckpointError, load_flat
     p = Path(path)
     f = p / "xpool.safetensors" if p.is_dir() else p
     cfg_file = f.parent / "xpool_config.json"

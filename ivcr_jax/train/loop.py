@@ -23,7 +23,7 @@ from ivcr_jax.train import checkpoint as ckpt_lib
 from ivcr_jax.train import data as data_lib
 from ivcr_jax.train import logging as log_lib
 from ivcr_jax.train import losses, optim, step as step_lib
-from ivcr_jax.train.params import count, trainable_filter
+from ivcr_jax.models.params import count, trainable_filter
 
 
 class NonFiniteLoss(FloatingPointError):

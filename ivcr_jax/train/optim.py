@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ivcr_jax.train.params import map_with_path
+from ivcr_jax.models.params import map_with_path
 
 
 def schedule(cfg) -> optax.Schedule:

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from ivcr_jax import sharding
 from ivcr_jax.models import build
 from ivcr_jax.train import optim, step as step_lib
-from ivcr_jax.train.params import count, trainable_filter
+from ivcr_jax.models.params import count, trainable_filter
 
 
 def abstract_batch(config, batch_size: int, seq_len: int, mesh) -> dict:
