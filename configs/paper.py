@@ -4,9 +4,11 @@ sliding video Q-Former (window 32) → llama_proj → LLaMA-2-7B-chat with LoRA 
 ``get_config(arg)``: comma-separated variants
   ""        the paper setting: 96 frames for a moment video, 12 per retrieval candidate;
   "head64"  the later reference code: 64 frames for both;
-  "tiny"    a tiny random model of the same shape (tests, the demo, CPU CI);
-  "init"    (with the paper model) initialise from the released PyTorch weights, paths in
-            ``config.init`` (see README "Weights").
+  "tiny"    a tiny random model of the same shape (tests, the demo, CPU CI).
+
+The base weights are a converted directory (``python -m ivcr_jax.convert ivcr ... --out DIR``):
+``--config.init.converted=DIR``. Every key here is a field of ``ivcr_jax/experiment.py``'s typed
+sections (or of the model dataclasses); ``--help`` with ``--config`` lists them all.
 """
 import ml_collections as mlc
 
@@ -74,9 +76,9 @@ def data_config(tiny: bool = False, head64: bool = False) -> mlc.ConfigDict:
 
 def get_config(arg: str = "") -> mlc.ConfigDict:
     variants = {v for v in arg.split(",") if v}
-    unknown = variants - {"tiny", "head64", "init"}
+    unknown = variants - {"tiny", "head64"}
     if unknown:
-        raise ValueError(f"unknown variant(s) {sorted(unknown)}; known: tiny, head64, init")
+        raise ValueError(f"unknown variant(s) {sorted(unknown)}; known: tiny, head64")
     tiny = "tiny" in variants
     c = mlc.ConfigDict()
     c.seed = 42
@@ -89,8 +91,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
         c.model.video_qformer.max_frame_pos = 64
 
     c.init = mlc.ConfigDict(dict(
-        converted="",        # a directory written by `python -m ivcr_jax.convert ivcr` (preferred)
-        llama="", eva_vit="", instructblip="", timechat="", videollama="",
+        converted="",        # a directory written by `python -m ivcr_jax.convert ivcr`; "" = random
     ))
 
     c.train = mlc.ConfigDict(dict(
@@ -101,15 +102,18 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
         lr_mults=(),         # ((regex, multiplier), ...) over trainable parameter paths
         aux_loss_mode="faithful",   # "faithful" (reference, no gradient) | "differentiable" | "off"
         alpha=0.01, beta=0.01,      # weights of the video-index and moment losses
-        log_every=10, ckpt_every=500, keep_checkpoints=3, eval_every=0,
+        ckpt_every=500, keep_checkpoints=3,
     ))
-    c.eval = mlc.ConfigDict(dict(max_new_tokens=512, batch_size=1))
+    # Generation for evaluation and the chat: greedy by default (the reference sampled with
+    # top-p 0.8, temperature 1); video_slots "bucketed" pads a prompt's videos to 1, 2 or 10k slots.
+    c.eval = mlc.ConfigDict(dict(max_new_tokens=512, batch_size=1, temperature=0.0, top_p=1.0,
+                                 video_slots="bucketed"))
     c.trainable = (r"qformer/.*", r"video_qformer/.*", r"llama_proj/.*", r".*lora_[ab]")
     c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))   # 0: all devices
 
     if tiny:
         c.train.update(batch_size=2, steps=50, warmup_steps=5, lr=1e-3, min_lr=1e-4,
-                       warmup_init_lr=1e-5, log_every=5, ckpt_every=20)
+                       warmup_init_lr=1e-5, ckpt_every=20)
         c.data.update(max_len=1024, text_buckets=(256, 512, 1024), timestamp_len=16)
         c.model.update(frozen_dtype="float32", compute_dtype="float32", remat="none")
         # CPU compile time: BERT dropout in every Q-Former layer more than doubles the train

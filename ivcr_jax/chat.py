@@ -2,12 +2,13 @@
 
     python -m ivcr_jax.chat --config configs/paper.py:tiny --corpus DIR [--checkpoint CKPT]
         [--index INDEX_DIR [--retriever-model XPOOL]] [--script FILE] [--json-out FILE]
+        [--config.eval.max_new_tokens=64] [--config.eval.temperature=1.0 --config.eval.top_p=0.8]
 
 The corpus directory holds ``ivcr.json`` (dialogues in the IVCR-200K schema) and ``videos/`` (the
 layout of ``python -m ivcr_jax.data.demo``); ``videos.json`` (ids and descriptions) is optional.
 Prompts are built exactly as for training and evaluation (``ivcr_jax.data.samples``,
 reference-architecture §8.3), the history holds the model's own earlier answers, and the model is
-run with the KV-cache generator (``ivcr_jax.eval.generate``), greedy by default.
+run with the KV-cache generator (``ivcr_jax.models.generate``) as ``config.eval`` says (greedy by default).
 
 Each user turn:
 
@@ -16,7 +17,7 @@ Each user turn:
    (``ivcr_jax.retrieval.search.Retriever``) when ``--index`` is given; else a lexical fallback:
    videos ranked by how many of the question's words their ``videos.json`` description shares
    (ties, and corpora without descriptions, in sorted id order).
-2. **The turn's kind is decided by the model's answer** (parsed with ``ivcr_jax.eval.parse``), in at
+2. **The turn's kind is decided by the model's answer** (parsed with ``ivcr_jax.data.answers``), in at
    most two generations:
 
    * with no current video (first turn, or after a chat turn) the model sees the candidates
@@ -48,6 +49,19 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+
+from ivcr_jax import cli
+from ivcr_jax.cli import UsageError
+from ivcr_jax.data import schema
+from ivcr_jax.data.answers import parse_intent, parse_moment, parse_video_index
+from ivcr_jax.data.frames import VIDEO_EXTS
+from ivcr_jax.data.prompts import PromptLoader, clean_answer
+from ivcr_jax.data.schema import Dialogue, Turn
+from ivcr_jax.experiment import Experiment
+from ivcr_jax.models.generate import Generator
+from ivcr_jax.retrieval.search import Retriever
+
 NUM_CANDIDATES = 10
 _WORD = re.compile(r"[a-z0-9]+|[\u4e00-\u9fff]")
 _STOP = frozenset("a an the of in on at to is are was were be it this that where when what which who how "
@@ -65,22 +79,25 @@ def _words(text: str) -> set[str]:
 # ------------------------------------------------------------------------------ the corpus ---
 
 class Corpus:
-    """A corpus directory: annotated candidate lists, the video list and descriptions."""
+    """A corpus directory: annotated candidate lists, the video list and descriptions.
+
+    ``ivcr.json`` is read by ``data/schema.py`` (every split and type, any number of candidates);
+    the video root follows the one rule of ``schema.resolve_video_root``.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: corpus directory not found")
-        self.video_root = self.root / "videos" if (self.root / "videos").is_dir() else self.root
-        self.annotated: dict[str, list[str]] = {}
         ann = self.root / "ivcr.json"
+        self.video_root = Path(schema.resolve_video_root(ann))
+        self.annotated: dict[str, list[str]] = {}
         if ann.is_file():
-            for rec in json.loads(ann.read_text(encoding="utf-8")):
-                convs = rec.get("conversations", []) if isinstance(rec, dict) else []
-                for h, g in zip(convs[0::2], convs[1::2]):
-                    cands = g.get("candidate_videos") if isinstance(g, dict) else None
-                    if isinstance(h, dict) and isinstance(h.get("value"), str) and cands:
-                        self.annotated.setdefault(_norm_question(h["value"]), [str(c) for c in cands])
+            dialogues, _ = schema.load_dialogues(ann, exclude_types=(), num_candidates=None)
+            for d in dialogues:
+                for t in d.turns:
+                    if t.candidate_videos:
+                        self.annotated.setdefault(_norm_question(t.question), list(t.candidate_videos))
         self.descriptions: dict[str, str] = {}
         listing = self.root / "videos.json"
         if listing.is_file():
@@ -90,9 +107,8 @@ class Corpus:
                 elif isinstance(item, str):
                     self.descriptions[item] = ""
         if not self.descriptions:
-            exts = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v"}
             for p in sorted(self.video_root.rglob("*")):
-                if p.is_file() and p.suffix.lower() in exts:
+                if p.is_file() and p.suffix.lower() in VIDEO_EXTS:
                     self.descriptions[p.relative_to(self.video_root).as_posix()] = ""
         self.video_ids = sorted(self.descriptions)
         if not self.video_ids:
@@ -129,20 +145,14 @@ class _Current:
 class ChatSession:
     """One conversation: the history of turns (as shown to the model) and the current video."""
 
-    def __init__(self, config, model, tokenizer, corpus: Corpus, *, retriever=None, max_new_tokens: int = 512,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, video_slots: str = "bucketed",
-                 mesh=None):
-        import jax
-
-        from ivcr_jax.eval.generate import Generator
-        from ivcr_jax.eval.run_model import PromptLoader, pipeline_config
-
-        self.config, self.tokenizer, self.corpus, self.retriever = config, tokenizer, corpus, retriever
-        self.pcfg = pipeline_config(config, video_root=str(corpus.video_root))
-        self.loader = PromptLoader(self.pcfg, tokenizer, video_slots=video_slots)
-        self.gen = Generator(model, max_new_tokens=max_new_tokens, buckets=self.pcfg.buckets, mesh=mesh)
-        self.temperature, self.top_p = float(temperature), float(top_p)
-        self.key = jax.random.key(int(seed))
+    def __init__(self, exp: Experiment, model, tokenizer, corpus: Corpus, *, retriever=None, mesh=None):
+        ec = exp.eval
+        self.tokenizer, self.corpus, self.retriever = tokenizer, corpus, retriever
+        self.pcfg = exp.pipeline(1, video_root=str(corpus.video_root))
+        self.loader = PromptLoader(self.pcfg, tokenizer, video_slots=ec.video_slots)
+        self.gen = Generator(model, max_new_tokens=int(ec.max_new_tokens), buckets=self.pcfg.buckets, mesh=mesh)
+        self.temperature, self.top_p = float(ec.temperature), float(ec.top_p)
+        self.key = jax.random.key(exp.seed)
         self.n_generations = 0
         self.reset()
 
@@ -152,18 +162,12 @@ class ChatSession:
 
     # -------------------------------------------------------------- prompts
     def _turn(self, question: str, kind: str, *, candidates=(), video_id=None, number=None):
-        from ivcr_jax.data.schema import Turn
-
         i = len(self.history)
         return Turn(index=i, text_id=f"chat-{i + 1}", question=question, answer="", kind=kind,
                     video_id=video_id, candidate_videos=tuple(candidates), gt_se=None, target_index=None,
                     answer_video=number)
 
     def _generate(self, turn) -> dict:
-        import jax
-
-        from ivcr_jax.data.schema import Dialogue
-
         d = Dialogue(index=0, id="chat", split="chat", types=(), turns=tuple(self.history) + (turn,))
         p = self.loader.prompt(d, turn.index)
         batch = self.loader.batch([p])
@@ -178,9 +182,6 @@ class ChatSession:
     # -------------------------------------------------------------- one user turn
     def ask(self, question: str) -> dict:
         """Run one user turn; returns its record (also appended to the history)."""
-        from ivcr_jax.eval.parse import parse_intent, parse_moment, parse_video_index
-        from ivcr_jax.eval.run_model import clean_answer
-
         question = question.strip()
         cands, source, t_ret = self.corpus.candidates(question, self.retriever)
 
@@ -267,20 +268,14 @@ def format_turn(rec: dict) -> str:
 # ------------------------------------------------------------------------------ command line ---
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ivcr_jax.chat", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="experiment config, e.g. configs/paper.py:tiny")
+    p = argparse.ArgumentParser(prog="python -m ivcr_jax.chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, help="corpus directory: ivcr.json + videos/ (+ videos.json)")
     p.add_argument("--checkpoint", help="converted weights or a training workdir (default: config.init / random)")
     p.add_argument("--script", help="read user lines from this file instead of the terminal")
     p.add_argument("--json-out", help="write the transcript as JSON to this file")
     p.add_argument("--index", help="retriever index directory (ivcr_jax.retrieval) for unannotated questions")
     p.add_argument("--retriever-model", help="exported X-Pool for --index")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, help="answer budget (default config.eval.max_new_tokens or 512)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, help="sampling seed (default config.seed)")
-    p.add_argument("--video-slots", default="bucketed", choices=("bucketed", "cap"))
     p.add_argument("--mesh", action="store_true", help="shard the model over config.mesh")
     return p
 
@@ -289,14 +284,8 @@ def _retriever(args):
     if not args.index:
         return None
     try:
-        from ivcr_jax.retrieval.search import Retriever
-    except ImportError as e:
-        print(f"warning: --index given but the retriever is unavailable ({e}); using the lexical fallback",
-              file=sys.stderr)
-        return None
-    try:
         return Retriever.load(args.index, args.retriever_model)
-    except Exception as e:  # a broken index must not end the chat before it starts
+    except Exception as e:  # noqa: BLE001 - a broken index must not end the chat before it starts
         print(f"warning: cannot load the retriever index {args.index} ({e}); using the lexical fallback",
               file=sys.stderr)
         return None
@@ -319,36 +308,24 @@ def _lines(args):
 
 def main(argv: Sequence[str] | None = None, *, model=None, tokenizer=None) -> int:
     """Command line entry point. ``model`` / ``tokenizer`` may be passed in (notebooks, tests)."""
-    from ivcr_jax.eval.run_model import _get, build_and_load, load_eval_config
+    return cli.run(lambda: _main(argv, model, tokenizer))
 
-    args = build_parser().parse_args(argv)
-    config = load_eval_config(args.config, args.set)
+
+def _main(argv, model, tokenizer) -> int:
+    config, args = cli.parse(argv, build_parser())
+    exp = Experiment.resolve(config)
     try:
         corpus = Corpus(args.corpus)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
     if args.script and not Path(args.script).is_file():
-        print(f"error: --script {args.script}: no such file", file=sys.stderr)
-        return 2
-    mesh = None
-    if args.mesh:
-        from ivcr_jax import sharding
-
-        mesh = sharding.make_mesh(config.mesh)
+        raise UsageError(f"--script {args.script}: no such file")
+    mesh = exp.mesh() if args.mesh else None
     if model is None:
         t0 = time.perf_counter()
-        model, what = build_and_load(config, args.checkpoint, mesh=mesh)
+        model, what = exp.load_model(args.checkpoint, mesh)
         print(f"model ready in {time.perf_counter() - t0:.1f}s ({what})")
-    if tokenizer is None:
-        from ivcr_jax.train import data as data_lib
-
-        tokenizer = data_lib.tokenizer(config)
-    session = ChatSession(
-        config, model, tokenizer, corpus, retriever=_retriever(args),
-        max_new_tokens=args.max_new_tokens or int(_get(config, "eval.max_new_tokens", 512)),
-        temperature=args.temperature, top_p=args.top_p,
-        seed=int(config.seed) if args.seed is None else args.seed, video_slots=args.video_slots, mesh=mesh)
+    session = ChatSession(exp, model, tokenizer or exp.tokenizer, corpus, retriever=_retriever(args), mesh=mesh)
     print(f"corpus {corpus.root}: {len(corpus.video_ids)} videos, {len(corpus.annotated)} annotated questions"
           + ("" if args.script else "; /reset clears the history, /quit leaves"))
     records = []
@@ -361,7 +338,7 @@ def main(argv: Sequence[str] | None = None, *, model=None, tokenizer=None) -> in
             continue
         try:
             rec = session.ask(line)
-        except Exception as e:  # a bad line (e.g. a video that cannot be decoded) must not end the chat
+        except Exception as e:  # noqa: BLE001 - a bad line (e.g. an undecodable video) must not end the chat
             rec = {"turn": len(session.history) + 1, "question": line, "error": f"{type(e).__name__}: {e}"}
         records.append(rec)
         print(format_turn(rec), flush=True)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -73,14 +74,6 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None) ->
     if hasattr(jax.sharding, "AxisType"):
         kwargs["axis_types"] = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return Mesh(arr, MESH_AXES, **kwargs)
-
-
-def mesh_from_config(node: Mapping[str, int]) -> Mesh:
-    """``config.mesh`` (data, fsdp, tensor, optional num_devices: 0 = all) → Mesh."""
-    d = dict(node)
-    n = int(d.pop("num_devices", 0) or 0)
-    devices = jax.devices()[:n] if n else None
-    return make_mesh(d, devices)
 
 
 def _rule_table(rules: Iterable[tuple[str, Any]]) -> dict[str, tuple[str, ...]]:
@@ -211,3 +204,28 @@ def spec_table(state: nnx.State, mesh: Mesh, rules=RULES) -> dict[str, str]:
         spec = logical_to_spec(names, _shape(var), mesh, rules)
         out["/".join(str(p) for p in path)] = f"{tuple(_shape(var))} {names} -> {spec}"
     return out
+
+
+# ----------------------------------------------------------------------------- batches
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding of a batch array: its leading (batch) axis over ``data`` and ``fsdp``."""
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    first = axes[0] if len(axes) == 1 else (axes or None)
+    return NamedSharding(mesh, P(first))
+
+
+def to_device(batch: Mapping[str, Any], mesh: Mesh) -> dict:
+    """This process's rows of a numpy batch → global jax arrays, batch axis over (data, fsdp)."""
+    sh = batch_sharding(mesh)
+
+    def put(x):
+        return jax.make_array_from_process_local_data(sh, np.asarray(x))
+    return jax.tree.map(put, {k: v for k, v in batch.items() if not isinstance(v, (str, bytes))})
+
+
+def to_host_local(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a batch-sharded global array (all rows on one process)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, batch_sharding(mesh).spec))

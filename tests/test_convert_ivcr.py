@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from ivcr_jax.configs_loader import load_config
+from ivcr_jax.cli import load_config
 from ivcr_jax.models import params as params_lib
 from ivcr_jax.convert.__main__ import main as convert_main
+from ivcr_jax.convert.store import load_into
 from ivcr_jax.models import build
 
 CFG = build.model_config(load_config("configs/paper.py:tiny").model)
@@ -108,7 +109,7 @@ def converted(sources, tmp_path_factory):
                        "--videollama", str(d / "VL_LLaMA_2_7B_Finetuned.pth"), "--out", str(out)])
     assert rc == 0
     model = build.build_model(CFG, seed=1)
-    build.load_converted(model, out)
+    load_into(model, out)
     return out, params_lib.flat_state(model)
 
 
@@ -145,7 +146,7 @@ def test_converted_model_runs(converted):
     import jax
     out, flat = converted
     model = build.build_model(CFG, seed=0)
-    build.load_converted(model, out)
+    load_into(model, out)
     logits = jax.jit(lambda m, ids: m.llama(ids).logits)(model, np.ones((1, 8), np.int32))
     assert logits.shape == (1, 8, 32005) and np.isfinite(np.asarray(logits)).all()
 

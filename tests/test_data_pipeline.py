@@ -222,7 +222,8 @@ def test_process_batches_stack_into_the_single_process_batch(setup, tokenizer):
 
 
 def test_pad_text_extends_with_the_pad_values(setup, tokenizer):
-    from ivcr_jax.data.pipeline import PAD_ID, pad_text
+    from ivcr_jax.data.pipeline import pad_text
+    from ivcr_jax.tokenizer import PAD_ID
 
     cfg, refs, _, _ = setup
     (b,), _ = run(cfg, refs, tokenizer, n=1, train=True, seed=0)

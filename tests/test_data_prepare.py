@@ -110,7 +110,8 @@ def test_prepared_dataset_gives_the_same_eval_batches_as_raw_videos(prepared, co
 
 def test_command_line(corpus, tmp_path, capsys):
     assert main(["--corpus", str(corpus / "ivcr.json"), "--out", str(tmp_path), "--split", "train",
-                 "--frames", "head", "--moment-frames", "4", "--retrieval-frames", "4", "--size", "32"]) == 0
+                 "--config", "configs/paper.py:head64", "--config.data.moment_frames=4",
+                 "--config.data.retrieval_frames=4", "--config.data.frame_size=32"]) == 0
     out = capsys.readouterr().out
     assert "prepared 1 videos (0 failed)" in out and "train_r4_m4_s32" in out
     v = PreparedVideos(tmp_path)

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from ivcr_jax import sharding  # noqa: E402
 from ivcr_jax.convert import eva_vit as conv  # noqa: E402
 from ivcr_jax.models.params import CheckpointError, CheckpointMismatch
-from ivcr_jax.models.eva_vit import EvaViT, EvaViTConfig, bicubic_matrix, resize_pos_embed  # noqa: E402
+from ivcr_jax.models.eva_vit import EvaViTConfig, bicubic_matrix, resize_pos_embed  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             image_size=28, patch_size=14)
@@ -81,7 +81,7 @@ def blip2(tmp_path_factory):
 def test_matches_hf_vision_model_fp32(cls_name, tmp_path, pixels):
     ref_model = _build(cls_name, 1, tmp_path)
     pre_ref, post_ref = _ref(ref_model, pixels)
-    model = EvaViT.from_hf(tmp_path)
+    model = conv.from_hf(tmp_path)
     assert model.config.post_eps == 1e-6 and model.config.depth == 2  # HF post_layernorm eps
     pre, post = run(model, jnp.asarray(pixels))
     assert pre.shape == (2, 1 + 4, D)
@@ -93,7 +93,7 @@ def test_matches_hf_vision_model_fp32(cls_name, tmp_path, pixels):
 def test_bf16_weights_and_compute_close_to_fp32_reference(blip2, pixels):
     ref_model, path = blip2
     pre_ref, post_ref = _ref(ref_model, pixels)
-    model = EvaViT.from_hf(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = conv.from_hf(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert model.blocks[0].attn.qkv.kernel[...].dtype == jnp.bfloat16
     pre, post = run(model, jnp.asarray(pixels))
     assert pre.dtype == jnp.bfloat16
@@ -104,7 +104,7 @@ def test_bf16_weights_and_compute_close_to_fp32_reference(blip2, pixels):
 
 def test_remat_under_a_mesh_gives_same_output(blip2, pixels):
     _, path = blip2
-    model = EvaViT.from_hf(path)
+    model = conv.from_hf(path)
     plain = run(model, jnp.asarray(pixels))[1]
     remat = conv.from_hf(path, config=dataclasses.replace(model.config, remat=True))
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -127,7 +127,7 @@ def test_full_blip2_model_dir_loads_vision_keys(blip2, tmp_path, pixels):
     flat, cfg = conv.convert_hf(tmp_path)
     assert cfg.width == D and not any(k.startswith("qformer") for k in flat)
     pre_ref, post_ref = _ref(ref_model, pixels)
-    post = run(EvaViT.from_hf(tmp_path), jnp.asarray(pixels))[1]
+    post = run(conv.from_hf(tmp_path), jnp.asarray(pixels))[1]
     assert rel(post, post_ref) <= 1e-4
 
 
@@ -195,7 +195,7 @@ def test_lavis_pth_equals_hf_route(blip2, lavis_files, pixels, monkeypatch):
     # default LAVIS config: ln_vision eps 1e-5 (torch default), not HF's 1e-6
     lavis_cfg = dataclasses.replace(hf_cfg, post_eps=EvaViTConfig().post_eps)
     assert lavis_cfg.post_eps == 1e-5
-    m5 = EvaViT.from_lavis(d / "eva_vit_g.pth", d / "instruct_blip_trimmed.pth", config=lavis_cfg,
+    m5 = conv.from_lavis(d / "eva_vit_g.pth", d / "instruct_blip_trimmed.pth", config=lavis_cfg,
                            param_dtype=jnp.bfloat16)
     assert m5.post_norm.eps == 1e-5 and m5.pos_embed[...].dtype == jnp.bfloat16
 
@@ -251,7 +251,7 @@ def test_other_image_size_matches_hf_interpolate_pos_encoding(blip2, hw):
     ref_model, path = blip2
     px = np.random.default_rng(1).normal(size=(1, *hw, 3)).astype(np.float32)
     _, post_ref = _ref(ref_model, px, interpolate_pos_encoding=True)
-    out = run(EvaViT.from_hf(path), jnp.asarray(px))[1]
+    out = run(conv.from_hf(path), jnp.asarray(px))[1]
     assert out.shape == (1, 1 + (hw[0] // 14) * (hw[1] // 14), D)
     assert rel(out, post_ref) <= 1e-4
 
@@ -294,7 +294,7 @@ def test_hf_nonzero_key_bias_is_rejected(blip2, tmp_path):
 
     f = _edited_copy(path, tmp_path / "kbias", edit)
     with pytest.raises(CheckpointError, match="non-zero key segment") as e:
-        EvaViT.from_hf(tmp_path / "kbias")
+        conv.from_hf(tmp_path / "kbias")
     assert str(f) in str(e.value) and "encoder.layers.1.self_attn.qkv.bias" in str(e.value)
 
 
@@ -322,7 +322,7 @@ def test_non_checkpoint_files_are_reported(blip2, tmp_path):
     shutil.copy(path / "config.json", d / "config.json")
     (d / "model.safetensors").write_text("this is not a safetensors file, just some text\n" * 3)
     with pytest.raises(CheckpointError, match=str(d / "model.safetensors")):
-        EvaViT.from_hf(d)
+        conv.from_hf(d)
     rnd = tmp_path / "random.pth"
     rnd.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(CheckpointError, match=str(rnd)):

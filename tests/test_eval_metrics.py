@@ -9,11 +9,11 @@ import math
 import pytest
 import sacrebleu
 
+from ivcr_jax.data.answers import iou
 from ivcr_jax.data.schema import load_dialogues
 from ivcr_jax.eval.metrics import (
     bleu4,
     evaluate_predictions,
-    iou,
     moment_recall,
     recall_at_1,
     recall_at_10,

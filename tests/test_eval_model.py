@@ -1,5 +1,5 @@
 """The model-driven evaluation (``python -m ivcr_jax.eval --config ... --checkpoint ...``) and the
-loading of trained checkpoints (ivcr_jax.eval.run_model, ivcr_jax.eval.restore)."""
+loading of trained checkpoints (ivcr_jax.eval.run_model, ivcr_jax.checkpoints)."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from test_generate import TINY, TINY_SET, random_model
+from test_generate import random_model, tiny_experiment, tiny_flags
 
+from ivcr_jax.data import prompts
 from ivcr_jax.eval import run_model
-from ivcr_jax.eval.__main__ import build_parser
+from ivcr_jax.eval.__main__ import main as eval_main
 
 
 @pytest.fixture(scope="module")
@@ -21,20 +22,19 @@ def setup(tmp_path_factory):
     from ivcr_jax.data.demo import build_demo_corpus
 
     root = build_demo_corpus(tmp_path_factory.mktemp("demo"), num_generated=8, size=32)
-    config = run_model.load_eval_config(TINY, TINY_SET)
-    return dict(root=root, config=config, model=random_model(config))
+    exp = tiny_experiment()
+    return dict(root=root, config=exp, model=random_model(exp))
 
 
 def _args(root, out, *extra):
-    sets = [a for s in TINY_SET for a in ("--set", s)]
-    return build_parser().parse_args(["--config", TINY, *sets, "--annotations", str(root / "ivcr.json"),
-                                      "--out", str(out), "--max-new-tokens", "8", "--video-slots", "cap", *extra])
+    return [*tiny_flags("eval.max_new_tokens=8", "eval.video_slots=cap"), "--annotations", str(root / "ivcr.json"),
+            "--out", str(out), *extra]
 
 
 def test_eval_writes_predictions_metrics_report_and_timings(setup, tokenizer, tmp_path, capsys):
     out = tmp_path / "eval"
     args = _args(setup["root"], out, "--max-samples", "3")
-    assert run_model.main(args, model=setup["model"], tokenizer=tokenizer) == 0
+    assert eval_main(args, model=setup["model"], tokenizer=tokenizer) == 0
 
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 3
@@ -60,36 +60,37 @@ def test_eval_writes_predictions_metrics_report_and_timings(setup, tokenizer, tm
 
     # Greedy evaluation is deterministic: a second run gives the same answers.
     out2 = tmp_path / "again"
-    assert run_model.main(_args(setup["root"], out2, "--max-samples", "3", "--no-charts"),
-                          model=setup["model"], tokenizer=tokenizer) == 0
+    assert eval_main(_args(setup["root"], out2, "--max-samples", "3", "--no-charts"),
+                     model=setup["model"], tokenizer=tokenizer) == 0
     again = [json.loads(line)["answer"] for line in (out2 / "predictions.jsonl").read_text().splitlines()]
     assert again == [p["answer"] for p in preds]
 
 
 def test_model_history_puts_the_models_answers_into_later_prompts(setup, tokenizer, tmp_path, monkeypatch):
     seen = []
-    original = run_model.PromptLoader.prompt
+    original = prompts.PromptLoader.prompt
 
     def spy(self, dialogue, turn_idx, sample_id=0):
         p = original(self, dialogue, turn_idx, sample_id)
         seen.append((dialogue.id, turn_idx, p.sample.text))
         return p
 
-    monkeypatch.setattr(run_model.PromptLoader, "prompt", spy)
+    monkeypatch.setattr(prompts.PromptLoader, "prompt", spy)
 
     class FakeRetriever:   # stands in for ivcr_jax.retrieval.search.Retriever (--index)
         def search(self, texts, k=10):
             time.sleep(0.01)
             return [["x.mp4"] * k for _ in texts], np.zeros((len(texts), k))
 
-    monkeypatch.setattr(run_model, "_retriever", lambda args: FakeRetriever())
+    monkeypatch.setattr(run_model.Retriever, "load", staticmethod(lambda index, model=None: FakeRetriever()))
     out = tmp_path / "model_history"
-    assert run_model.main(_args(setup["root"], out, "--max-samples", "2", "--history", "model", "--no-charts"),
-                          model=setup["model"], tokenizer=tokenizer) == 0
+    assert eval_main(_args(setup["root"], out, "--max-samples", "2", "--history", "model", "--no-charts",
+                           "--index", str(tmp_path / "index")),
+                     model=setup["model"], tokenizer=tokenizer) == 0
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     (did, t0, _), (did2, t1, second) = seen
     assert did == did2 and (t0, t1) == (0, 1)
-    first_answer = run_model.clean_answer(preds[0]["answer"], tokenizer)
+    first_answer = prompts.clean_answer(preds[0]["answer"], tokenizer)
     gt_answer = next(d for d in json.loads((setup["root"] / "ivcr.json").read_text())
                      if d["id"] == did)["conversations"][1]["value"]
     assert f"[/INST] {first_answer} </s>" in second
@@ -103,33 +104,32 @@ def test_model_history_puts_the_models_answers_into_later_prompts(setup, tokeniz
 
 
 def test_main_reports_missing_inputs(setup, tmp_path, capsys):
-    args = build_parser().parse_args(["--config", TINY, "--annotations", str(tmp_path / "none.json"),
-                                      "--out", str(tmp_path / "o")])
-    assert run_model.main(args) == 2
+    args = [*tiny_flags(), "--annotations", str(tmp_path / "none.json"), "--out", str(tmp_path / "o")]
+    assert eval_main(args) == 2
     assert "no such file" in capsys.readouterr().err
+    assert eval_main([*tiny_flags(), "--config.eval.max_new_tokenz=3"]) == 2
+    assert "did you mean eval.max_new_tokens" in capsys.readouterr().err
 
 
 def test_load_trainable_restores_a_training_checkpoint_over_the_base(setup, tmp_path):
     import optax
 
-    from ivcr_jax.models.params import CheckpointError, CheckpointMismatch
-    from ivcr_jax.eval.restore import find_step_dir, load_weights
-    from ivcr_jax.train.checkpoint import Checkpointer
-    from ivcr_jax.models.params import trainable_filter
+    from ivcr_jax.checkpoints import Checkpointer, find_step_dir, load_weights
+    from ivcr_jax.models.params import CheckpointError, CheckpointMismatch, trainable_filter
     from ivcr_jax.train.step import init_state
 
     config = setup["config"]
     trainable = trainable_filter(config.trainable)
     _, params, _ = nnx.split(setup["model"], trainable, ...)
     params = jax.tree.map(lambda x: x + 1.0, params)        # "trained" values, unlike the model's
-    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
+    ckpt = Checkpointer(tmp_path / "run", async_save=False)
     ckpt.save(7, init_state(params, optax.adam(1e-3), 0), force=True)
     ckpt.close()
     assert find_step_dir(tmp_path / "run").name == "7"
 
     model = nnx.clone(setup["model"])
     frozen_before = nnx.state(model, nnx.Not(trainable))
-    what = load_weights(model, tmp_path / "run", config)
+    what = load_weights(model, tmp_path / "run", trainable=config.trainable, seed=config.seed)
     assert "step 7" in what and "random initialisation" in what
     for a, b in zip(jax.tree.leaves(nnx.state(model, trainable)), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -137,12 +137,11 @@ def test_load_trainable_restores_a_training_checkpoint_over_the_base(setup, tmp_
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # A checkpoint that does not cover the model's trainable set is refused, naming the directory and keys.
-    other = run_model.load_eval_config(TINY, TINY_SET)
-    other.trainable = tuple(config.trainable) + (r"llama/norm/.*",)
+    other = tuple(config.trainable) + (r"llama/norm/.*",)
     with pytest.raises(CheckpointMismatch, match=r"(?s)run/checkpoints/7/state.*missing keys.*llama/norm/scale"):
-        load_weights(model, tmp_path / "run", other)
+        load_weights(model, tmp_path / "run", trainable=other)
     with pytest.raises(CheckpointError, match="neither a converted checkpoint"):
-        load_weights(model, tmp_path, config)
+        load_weights(model, tmp_path, trainable=config.trainable)
 
     # A converted directory (python -m ivcr_jax.convert) replaces every parameter.
     from ivcr_jax.models.params import flat_state
@@ -150,7 +149,7 @@ def test_load_trainable_restores_a_training_checkpoint_over_the_base(setup, tmp_
 
     save_flat(tmp_path / "converted", {k: np.asarray(v.get_value()) for k, v in flat_state(model).items()})
     fresh = nnx.clone(setup["model"])
-    assert load_weights(fresh, tmp_path / "converted", config).startswith("converted weights")
+    assert load_weights(fresh, tmp_path / "converted").startswith("converted weights")
     for a, b in zip(jax.tree.leaves(nnx.state(fresh, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -163,8 +162,8 @@ def test_a_missing_video_skips_its_samples_and_the_run_goes_on(setup, tokenizer,
     first = next(d for d in json.loads((root / "ivcr.json").read_text()) if d["split"] == "test" and d["type"] != [0])
     (root / "videos" / first["conversations"][1]["candidate_videos"][0]).unlink()
     out = tmp_path / "eval"
-    assert run_model.main(_args(root, out, "--max-samples", "3", "--no-charts"),
-                          model=setup["model"], tokenizer=tokenizer) == 0
+    assert eval_main(_args(root, out, "--max-samples", "3", "--no-charts"),
+                     model=setup["model"], tokenizer=tokenizer) == 0
     gen = json.loads((out / "metrics.json").read_text())["generation"]
     assert gen["skipped"] >= 1 and gen["answered"] + gen["skipped"] == 3
     assert "video file not found" in (out / "report.md").read_text()

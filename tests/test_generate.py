@@ -1,4 +1,4 @@
-"""KV-cache generation (ivcr_jax.eval.generate): equality with full recomputation, one compilation
+"""KV-cache generation (ivcr_jax.models.generate): equality with full recomputation, one compilation
 per prompt bucket, reproducible sampling."""
 from __future__ import annotations
 
@@ -10,15 +10,29 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ivcr_jax.eval import generate as G
+from ivcr_jax.models import generate as G
+from ivcr_jax.tokenizer import EOS_ID, PAD_ID
 
 # The tiny config with 4 frames per video for both kinds (one video group) and one text bucket: every
 # prompt of these tests (and of test_eval_model / test_chat, which import these) has one shape.
 TINY = "configs/paper.py:tiny"
-TINY_SET = ("data.retrieval_frames=4", "data.moment_frames=4", "data.text_buckets=[1024]")
+TINY_SET = ("data.retrieval_frames=4", "data.moment_frames=4", "data.text_buckets=(1024,)")
 
 
-def random_model(config, seed: int = 0):
+def tiny_experiment(*extra: str):
+    """The tiny config with TINY_SET (and ``extra``) applied, resolved."""
+    from ivcr_jax import cli
+    from ivcr_jax.experiment import Experiment
+
+    return Experiment.resolve(cli.resolve(TINY, (*TINY_SET, *extra)))
+
+
+def tiny_flags(*extra: str) -> list[str]:
+    """``--config TINY --config.k=v ...`` for the command-line entry points."""
+    return ["--config", TINY, *(f"--config.{s}" for s in (*TINY_SET, *extra))]
+
+
+def random_model(exp, seed: int = 0):
     """The tiny InterLLaVA with random weights of a useful scale, without the ~20 s jitted init.
 
     Kernels ~ N(0, 1/fan_in), norm scales ~ 1, LoRA B non-zero (so the adapters take part), embeddings
@@ -27,7 +41,7 @@ def random_model(config, seed: int = 0):
     from ivcr_jax.models.params import flat_state
     from ivcr_jax.models import build
 
-    model = build.abstract_model(build.model_config(config.model), seed)
+    model = build.abstract_model(exp.model, seed)
     rng = np.random.default_rng(seed)
     for path, var in flat_state(model, nnx.Variable).items():
         x = var.get_value()
@@ -50,15 +64,15 @@ def random_model(config, seed: int = 0):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
     from ivcr_jax.data.demo import build_demo_corpus
+    from ivcr_jax.data.prompts import PromptLoader
     from ivcr_jax.data.schema import load_dialogues
-    from ivcr_jax.eval import run_model as rm
 
     root = build_demo_corpus(tmp_path_factory.mktemp("demo"), num_generated=8, size=32)
-    config = rm.load_eval_config(TINY, TINY_SET)
+    exp = tiny_experiment()
     dialogues, _ = load_dialogues(root / "ivcr.json", split="test")
-    pcfg = rm.pipeline_config(config, video_root=str(root / "videos"))
-    loader = rm.PromptLoader(pcfg, tokenizer, video_slots="cap")
-    return dict(config=config, model=random_model(config), loader=loader, dialogues=dialogues, pcfg=pcfg)
+    pcfg = exp.pipeline(1, video_root=str(root / "videos"))
+    loader = PromptLoader(pcfg, tokenizer, video_slots="cap")
+    return dict(config=exp, model=random_model(exp), loader=loader, dialogues=dialogues, pcfg=pcfg)
 
 
 @functools.lru_cache(maxsize=4)
@@ -70,7 +84,7 @@ def _full_forward(graphdef):
     return last_logits
 
 
-def _recompute(model, prompt_emb, real: int, n: int, length: int, eos: int = G.EOS_ID) -> list[int]:
+def _recompute(model, prompt_emb, real: int, n: int, length: int, eos: int = EOS_ID) -> list[int]:
     """Greedy tokens by re-running the whole LLaMA forward, without a cache, over the growing sequence:
     the prompt's embeddings (videos spliced in) followed by the generated tokens' embeddings,
     right-padded to a fixed length so that it compiles once. ``InterLLaVA.__call__`` on the grown
@@ -116,7 +130,7 @@ def test_kv_cache_generation_equals_full_recompute_with_videos(setup):
     # The same prompts left-padded give the same tokens (same shapes: no new compilation).
     left = dict(batch)
     S = batch["input_ids"].shape[1]
-    for k, fill in (("input_ids", G.PAD_ID), ("attention_mask", 0), ("video_token_index", -1)):
+    for k, fill in (("input_ids", PAD_ID), ("attention_mask", 0), ("video_token_index", -1)):
         a = np.full_like(batch[k], fill)
         for r in range(2):
             m = int(batch["attention_mask"][r].sum())
@@ -128,7 +142,7 @@ def test_kv_cache_generation_equals_full_recompute_with_videos(setup):
 
 
 def _text_batch(tokenizer, texts, width):
-    ids = np.full((len(texts), width), G.PAD_ID, np.int32)
+    ids = np.full((len(texts), width), PAD_ID, np.int32)
     mask = np.zeros((len(texts), width), np.int32)
     for i, t in enumerate(texts):
         x = [1] + tokenizer(t, add_special_tokens=False)["input_ids"]

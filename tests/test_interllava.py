@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ivcr_jax.configs_loader import load_config
+from ivcr_jax.cli import load_config
 from ivcr_jax.models import build
 from ivcr_jax.tokenizer import SPECIAL_TOKENS, VIDEO_TOKEN
 

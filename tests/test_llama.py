@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from ivcr_jax.convert import llama as convert  # noqa: E402
 from ivcr_jax.models.params import CheckpointError, CheckpointMismatch, flat_state
-from ivcr_jax.models.llama import KVCache, Llama, LlamaConfig, LlamaOutput  # noqa: E402
+from ivcr_jax.models.llama import KVCache, LlamaConfig, LlamaOutput  # noqa: E402
 from ivcr_jax.models.lora import LoRAConfig  # noqa: E402
 
 VOCAB = 512
@@ -85,7 +85,7 @@ def rel_err(ours, ref, mask=None):
 @pytest.mark.parametrize("name", ["mha", "gqa", "tied"])
 def test_logits_match_hf_fp32(hf_dirs, name):
     hf, d = hf_dirs[name]
-    model = Llama.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32)
+    model = convert.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32)
     assert model.config.kv_heads == hf.config.num_key_value_heads
     assert (model.lm_head is None) == (name == "tied")
     ids, mask = batch()
@@ -100,7 +100,7 @@ def test_logits_match_hf_fp32(hf_dirs, name):
 @pytest.mark.parametrize("name", ["gqa"])
 def test_logits_match_hf_bf16(hf_dirs, name):
     hf, d = hf_dirs[name]
-    model = Llama.from_hf(d)  # bf16 weights and compute (the defaults for the frozen 7B)
+    model = convert.from_hf(d)  # bf16 weights and compute (the defaults for the frozen 7B)
     assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     ids, mask = batch()
     logits = forward(model, ids, mask)
@@ -110,7 +110,7 @@ def test_logits_match_hf_bf16(hf_dirs, name):
 
 def test_inputs_embeds_and_hidden(hf_dirs):
     _, d = hf_dirs["mha"]
-    model = Llama.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32)
+    model = convert.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32)
     ids, mask = batch()
 
     @nnx.jit
@@ -140,9 +140,9 @@ def test_bin_and_sharded_safetensors_load_the_same(hf_dirs, tmp_path):
     index = json.loads((shard_dir / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
 
-    ref = flat_state(Llama.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32))
+    ref = flat_state(convert.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32))
     for src in (bin_dir, shard_dir):
-        got = flat_state(Llama.from_hf(src, dtype=jnp.float32, param_dtype=jnp.float32))
+        got = flat_state(convert.from_hf(src, dtype=jnp.float32, param_dtype=jnp.float32))
         assert got.keys() == ref.keys()
         for k in ref:
             np.testing.assert_array_equal(got[k][...], ref[k][...], err_msg=f"{src.name}: {k}")
@@ -156,8 +156,8 @@ def test_bin_and_sharded_safetensors_load_the_same(hf_dirs, tmp_path):
 
 def test_extend_vocab_adds_deterministic_mean_rows(hf_dirs):
     hf, d = hf_dirs["mha"]
-    base = Llama.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32)
-    ext = Llama.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32, extra_vocab=5)
+    base = convert.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32)
+    ext = convert.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32, extra_vocab=5)
     assert ext.config.vocab_size == VOCAB + 5
     emb, head = ext.embed_tokens.embedding[...], ext.lm_head.kernel[...]
     assert emb.shape == (VOCAB + 5, 64) and head.shape == (64, VOCAB + 5)
@@ -166,7 +166,7 @@ def test_extend_vocab_adds_deterministic_mean_rows(hf_dirs):
         np.testing.assert_allclose(emb[r], mean_row, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(head[:, r], base.lm_head.kernel[...].mean(1), rtol=1e-6, atol=1e-6)
     # the same rows on every build (the reference draws fresh random rows each time)
-    again = Llama.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32, extra_vocab=5)
+    again = convert.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32, extra_vocab=5)
     np.testing.assert_array_equal(again.embed_tokens.embedding[...], emb)
     # old tokens' logits are untouched; the new tokens can be fed in
     ids, mask = batch()
@@ -220,7 +220,7 @@ def greedy_cached(model, ids, mask, n):
 @pytest.mark.parametrize("name", ["gqa"])
 def test_kv_cache_greedy_equals_full_recompute_and_hf(hf_dirs, name):
     hf, d = hf_dirs[name]
-    model = Llama.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32)
+    model = convert.from_hf(d, dtype=jnp.float32, param_dtype=jnp.float32)
     ids, mask = batch(seed=3, S=6, pad=(0, 3))  # two left-padded prompts of lengths 6 and 3
     ids, mask, n = jnp.asarray(ids), jnp.asarray(mask, jnp.int32), 6
     toks_full, logits_full = greedy_full(model, ids, mask, n)
@@ -236,7 +236,7 @@ def test_kv_cache_greedy_equals_full_recompute_and_hf(hf_dirs, name):
 
 
 def test_cache_overflow_is_an_error(hf_dirs):
-    model = Llama.from_hf(hf_dirs["mha"][1], dtype=jnp.float32, param_dtype=jnp.float32)
+    model = convert.from_hf(hf_dirs["mha"][1], dtype=jnp.float32, param_dtype=jnp.float32)
     cache = model.init_cache(1, 4)
     with pytest.raises(ValueError, match="KV cache full"):
         nnx.eval_shape(lambda m: m(jnp.ones((1, 5), jnp.int32), cache=cache), model)
@@ -248,7 +248,7 @@ def test_remat_gives_the_same_gradients(hf_dirs):
     ids, mask = batch()
     grads = {}
     for remat in ("none", "dots", "full"):
-        model = Llama.from_hf(hf_dirs["gqa"][1], lora=LoRAConfig(rank=2, dropout=0.1), dtype=jnp.float32,
+        model = convert.from_hf(hf_dirs["gqa"][1], lora=LoRAConfig(rank=2, dropout=0.1), dtype=jnp.float32,
                               param_dtype=jnp.float32, remat=remat)
         assert model.config.remat == remat
         graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -304,20 +304,20 @@ def test_checkpoint_errors_name_file_and_keys(hf_dirs, tmp_path):
     del missing["model.layers.1.mlp.up_proj.weight"]
     src = _write_st(tmp_path / "missing", missing, d)
     with pytest.raises(CheckpointMismatch, match="model.layers.1.mlp.up_proj.weight") as e:
-        Llama.from_hf(src)
+        convert.from_hf(src)
     assert str(src) in str(e.value) and e.value.missing == ["model.layers.1.mlp.up_proj.weight"]
 
     wrong = {**sd, "model.layers.0.self_attn.k_proj.weight": np.zeros((64, 32), np.float32)}
     src = _write_st(tmp_path / "wrong", wrong, d)
     with pytest.raises(CheckpointMismatch, match="k_proj") as e:
-        Llama.from_hf(src)
+        convert.from_hf(src)
     assert e.value.mismatched == [("model.layers.0.self_attn.k_proj.weight", (64, 32), (64, 64))]
 
     extra = {**sd, "model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32),
              "model.layers.7.mlp.up_proj.weight": sd["model.layers.0.mlp.up_proj.weight"]}
     src = _write_st(tmp_path / "extra", extra, d)
     with pytest.raises(CheckpointMismatch) as e:
-        Llama.from_hf(src)
+        convert.from_hf(src)
     assert sorted(e.value.unexpected) == ["model.layers.0.self_attn.q_proj.bias",
                                           "model.layers.7.mlp.up_proj.weight"]
 
@@ -327,12 +327,12 @@ def test_checkpoint_errors_name_file_and_keys(hf_dirs, tmp_path):
         shutil.copy(d / "config.json", bad / "config.json")
         (bad / fname).write_text("this is not a checkpoint\n" * 10)
         with pytest.raises(CheckpointError, match=fname):
-            Llama.from_hf(bad)
+            convert.from_hf(bad)
 
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(d / "config.json", empty / "config.json")
     with pytest.raises(CheckpointError, match="no model.safetensors"):
-        Llama.from_hf(empty)
+        convert.from_hf(empty)
     with pytest.raises(CheckpointError, match="no such"):
-        Llama.from_hf(tmp_path / "nowhere")
+        convert.from_hf(tmp_path / "nowhere")

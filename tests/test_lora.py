@@ -82,7 +82,7 @@ def rel_err(ours, ref, mask):
 def test_lora_matches_peft_unmerged_and_merged(peft_setup):
     base_dir, pm, sd, targets = peft_setup
     lora = LoRAConfig(rank=RANK, alpha=ALPHA, dropout=0.0, targets=targets)
-    model = Llama.from_hf(base_dir, lora=lora, dtype=jnp.float32, param_dtype=jnp.float32)
+    model = convert.from_hf(base_dir, lora=lora, dtype=jnp.float32, param_dtype=jnp.float32)
     convert.load_lora(model, sd.items())  # the full peft state dict (base weights are skipped)
     ids, mask = inputs()
     ref = torch_logits(pm, ids, mask)
@@ -120,7 +120,7 @@ def test_lora_key_formats_give_the_same_weights(peft_setup, tmp_path):
     pm.save_pretrained(tmp_path / "adapter")
     lcfg = LoRAConfig.from_peft_config(json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()))
     assert (lcfg.rank, lcfg.alpha, lcfg.dropout, set(lcfg.targets)) == (RANK, ALPHA, 0.0, set(targets))
-    model = Llama.from_hf(base_dir, lora=lcfg, dtype=jnp.float32, param_dtype=jnp.float32)
+    model = convert.from_hf(base_dir, lora=lcfg, dtype=jnp.float32, param_dtype=jnp.float32)
     convert.load_lora(model, tmp_path / "adapter")
     for k, v in _flat(lora_state(model)).items():
         np.testing.assert_allclose(v[...], ref[k], err_msg=k)
@@ -129,7 +129,7 @@ def test_lora_key_formats_give_the_same_weights(peft_setup, tmp_path):
 def test_lora_errors(peft_setup):
     base_dir, _, sd, targets = peft_setup
     lora = LoRAConfig(rank=RANK, alpha=ALPHA, dropout=0.0, targets=targets)
-    model = Llama.from_hf(base_dir, lora=lora, dtype=jnp.float32, param_dtype=jnp.float32)
+    model = convert.from_hf(base_dir, lora=lora, dtype=jnp.float32, param_dtype=jnp.float32)
     dropped = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"
     with pytest.raises(CheckpointMismatch, match="layers/1/self_attn/v_proj/lora_b") as e:
         convert.load_lora(model, [(k, v) for k, v in sd.items() if k != dropped])

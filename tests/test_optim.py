@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from ivcr_jax.configs_loader import load_config
+from ivcr_jax.cli import load_config
 from ivcr_jax.train import optim
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ivcr_jax import sharding
-from ivcr_jax.configs_loader import load_config
+from ivcr_jax.cli import load_config
+from ivcr_jax.experiment import Experiment
 from ivcr_jax.train import plan
 
 
@@ -19,7 +20,7 @@ def _sharded_bytes(tree) -> int:
 
 
 def test_plan_arguments_are_the_sharded_state_frozen_weights_and_batch():
-    config = load_config("configs/paper.py:tiny")
+    config = Experiment.resolve(load_config("configs/paper.py:tiny"))
     mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
     out = plan.plan(config, mesh, seq_len=256)
     assert out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2} and out["batch_size"] == 4
@@ -34,6 +35,6 @@ def test_plan_arguments_are_the_sharded_state_frozen_weights_and_batch():
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the libtpu package")
 def test_plan_compiles_for_an_abstract_tpu_slice_from_a_cpu_host():
-    out = plan.main(["--config", "configs/paper.py:tiny", "--topology", "v5p:2x2x1", "--mesh", "1,-1,1",
+    out = plan.plan_cli(["--config", "configs/paper.py:tiny", "--topology", "v5p:2x2x1", "--mesh", "1,-1,1",
                      "--seq", "256"])
     assert out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and out["temp_size_in_bytes"] > 0

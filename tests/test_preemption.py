@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ivcr_jax.train.checkpoint import Checkpointer
+from ivcr_jax.checkpoints import Checkpointer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,5 +31,5 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(demo_corpus, tmp_path)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out[-3000:]
     last = json.loads(log.read_text().splitlines()[-1])["step"]
-    assert Checkpointer(work / "checkpoints").latest_step() == last < 1000
+    assert Checkpointer(work).latest_step() == last < 1000
     assert "SIGTERM" in out

@@ -4,7 +4,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -12,7 +11,8 @@ from ivcr_jax import sharding  # noqa: E402
 from ivcr_jax.convert import common  # noqa: E402
 from ivcr_jax.models import params as params_lib  # noqa: E402
 from ivcr_jax.models.params import CheckpointError, CheckpointMismatch
-from ivcr_jax.convert.qformer import convert_hf_qformer, load_qformer_hf  # noqa: E402
+from ivcr_jax.convert import qformer as qf_conv  # noqa: E402
+from ivcr_jax.convert.qformer import convert_hf_qformer  # noqa: E402
 from ivcr_jax.models.qformer import QFormer, QFormerConfig  # noqa: E402
 from reference import noisy as _noisy, rel_err as _rel  # noqa: E402
 
@@ -80,7 +80,7 @@ def _ours_image(m, x, hf_mask=False):
 
 def test_image_qformer_matches_instructblip_with_text_and_masks(bare, inputs):
     d, model = bare
-    ours = QFormer.from_hf(d)
+    ours = qf_conv.from_hf(d)
     assert ours.config.num_query_tokens == 0 and ours.config.has_text and ours.config.vocab_size == 100
     out = _ours_image(ours, inputs, hf_mask=True)
     assert out.shape == (B, Q + T, 64)          # text positions kept (TimeChat)
@@ -89,7 +89,7 @@ def test_image_qformer_matches_instructblip_with_text_and_masks(bare, inputs):
 
 def test_text_only_pass_matches_instructblip(bare, inputs):
     d, model = bare
-    ours = QFormer.from_hf(d)
+    ours = qf_conv.from_hf(d)
     with torch.no_grad():
         ref = model(torch.from_numpy(inputs["ids"]),
                     attention_mask=torch.from_numpy(inputs["text_mask"])).last_hidden_state.numpy()
@@ -100,7 +100,7 @@ def test_text_only_pass_matches_instructblip(bare, inputs):
 
 def test_bf16_within_tolerance(bare, inputs):
     d, model = bare
-    ours = QFormer.from_hf(d, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    ours = qf_conv.from_hf(d, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert params_lib.flat_state(ours)["layers/0/self_attn/query/kernel"][...].dtype == jnp.bfloat16
     out = _ours_image(ours, inputs)   # (and the text-only mask convention)
     assert out.dtype == jnp.bfloat16
@@ -115,7 +115,7 @@ def test_full_instructblip_dir_uses_its_query_tokens(tmp_path, inputs):
     full = _noisy(InstructBlipForConditionalGeneration(InstructBlipConfig(
         vision_config=VISION, qformer_config=QCFG, text_config=text.to_dict(), num_query_tokens=Q)), 1)
     full.save_pretrained(tmp_path)
-    ours = QFormer.from_hf(tmp_path)
+    ours = qf_conv.from_hf(tmp_path)
     assert ours.config.num_query_tokens == Q
     np.testing.assert_array_equal(np.asarray(ours.query_tokens[...]), full.query_tokens.detach().numpy())
     x = dict(inputs, query=full.query_tokens.detach().numpy().repeat(B, 0))
@@ -133,7 +133,7 @@ def test_blip2_retrieval_dir_text_and_query_passes(tmp_path, inputs):
     full = _noisy(Blip2ForImageTextRetrieval(Blip2Config(
         vision_config=VISION, qformer_config=dict(QCFG, use_qformer_text_input=True), num_query_tokens=Q)), 2)
     full.save_pretrained(tmp_path)
-    ours = QFormer.from_hf(tmp_path)
+    ours = qf_conv.from_hf(tmp_path)
     assert ours.config.num_query_tokens == Q and ours.config.has_text
     ids, mask = torch.from_numpy(inputs["ids"]), torch.from_numpy(inputs["text_mask"])
     enc = torch.from_numpy(inputs["enc"])
@@ -172,7 +172,7 @@ def test_config_from_hf_keeps_vocab_and_reads_nested():
 
 
 def test_out_of_vocabulary_ids_are_rejected_not_clipped(bare, inputs):
-    ours = QFormer.from_hf(bare[0])
+    ours = qf_conv.from_hf(bare[0])
     ids = inputs["ids"].copy()
     ids[0, 2] = 100                            # one past the table (LLaMA ids can exceed BERT's)
     with pytest.raises(ValueError, match="vocabulary"):
@@ -199,7 +199,7 @@ def _rewrite(src, dst, edit):
 def test_missing_key_is_reported(bare, tmp_path):
     d = _rewrite(bare[0], tmp_path / "m", lambda sd: sd.pop("encoder.layer.1.output_query.dense.weight"))
     with pytest.raises(CheckpointMismatch) as e:
-        load_qformer_hf(d)
+        qf_conv.from_hf(d)
     assert str(d) in str(e.value) and "layers/1/ffn_query/fc2/kernel" in e.value.missing
 
 
@@ -208,7 +208,7 @@ def test_unexpected_key_is_reported(bare, tmp_path):
         sd["encoder.layer.0.attention.attention.rotary.weight"] = np.zeros((2,), np.float32)
     d = _rewrite(bare[0], tmp_path / "u", edit)
     with pytest.raises(CheckpointMismatch) as e:
-        load_qformer_hf(d)
+        qf_conv.from_hf(d)
     assert str(d) in str(e.value)
     assert e.value.unexpected == ["encoder.layer.0.attention.attention.rotary.weight"]
 
@@ -218,7 +218,7 @@ def test_wrong_shape_is_reported(bare, tmp_path):
         sd["embeddings.word_embeddings.weight"] = np.zeros((7, 64), np.float32)
     d = _rewrite(bare[0], tmp_path / "s", edit)
     with pytest.raises(CheckpointMismatch) as e:
-        load_qformer_hf(d)
+        qf_conv.from_hf(d)
     assert str(d) in str(e.value)
     assert e.value.mismatched == [("embeddings/word_embeddings/embedding", (7, 64), (100, 64))]
 
@@ -229,10 +229,10 @@ def test_non_checkpoint_files_are_rejected(bare, tmp_path):
     shutil.copytree(bare[0], d)
     (d / "model.safetensors").write_bytes(b"definitely not a checkpoint")
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        load_qformer_hf(d)
+        qf_conv.from_hf(d)
     with pytest.raises(CheckpointError, match="config.json"):
-        load_qformer_hf(tmp_path)
+        qf_conv.from_hf(tmp_path)
     pth = tmp_path / "junk.pth"
     pth.write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="junk.pth"):
-        QFormer.from_lavis(pth)
+        qf_conv.from_lavis(pth)

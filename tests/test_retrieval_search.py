@@ -9,10 +9,10 @@ import pytest
 
 from ivcr_jax import sharding
 from ivcr_jax.models.params import flat_state
+from ivcr_jax.models.xpool import XPool, XPoolConfig, load_xpool, similarity_matrix
 from ivcr_jax.retrieval.index import VideoIndex
 from ivcr_jax.retrieval.metrics import compute_metrics, gt_ranks, t2v_metrics
 from ivcr_jax.retrieval.search import FirstStage, Retriever, write_candidates
-from ivcr_jax.retrieval.xpool import XPool, XPoolConfig, similarity_matrix
 
 
 def _unit(x):
@@ -129,16 +129,17 @@ def test_write_candidates_fills_retrieval_turns_only(tmp_path):
     questions = {"find the first one": 0, "find the fifth one": 4, "where is it": 2}
     # a text encoder that maps each question onto its video's mean feature (perfect first stage)
     encode = lambda texts: np.stack([index.mean[questions[t]] for t in texts])
+    # records of the released format as data/schema.py reads them (a human turn has a text_id)
     data = [
         {"id": "a", "type": [1, 2], "split": "test", "conversations": [
-            {"from": "human", "value": "find the first one"},
+            {"from": "human", "value": "find the first one", "text_id": "a0"},
             {"from": "gpt", "value": "Video 1", "gt_se": [-1, -1], "video_id": index.ids[0],
              "candidate_videos": ["old"] * 10},
-            {"from": "human", "value": "where is it"},
+            {"from": "human", "value": "where is it", "text_id": "a1"},
             {"from": "gpt", "value": "2 - 3", "gt_se": [2.0, 3.0], "video_id": index.ids[2],
              "candidate_videos": ["keep"]}]},
         {"id": "b", "type": [1], "split": "test", "conversations": [
-            {"from": "human", "value": "find the fifth one", "Chinese_value": "x"},
+            {"from": "human", "value": "find the fifth one", "Chinese_value": "x", "text_id": "b0"},
             {"from": "gpt", "value": "Video 3", "gt_se": [-1, -1], "video_id": index.ids[4]}]},
     ]
     src = tmp_path / "in.json"
@@ -164,11 +165,11 @@ def test_training_on_demo_corpus_lifts_recall_and_resumes(tmp_path):
     projections have to learn the map from colours to words. Measured after 40 steps: test (14
     held-out questions) R@10 71 % (identity-initialised X-Pool: 29 %), train R@10 88 %.
     """
-    from ivcr_jax.configs_loader import load_config
+    from ivcr_jax.cli import load_config
     from ivcr_jax.data.demo import build_demo_corpus
     from ivcr_jax.retrieval.features import extractor_from_spec
     from ivcr_jax.retrieval.index import build_index
-    from ivcr_jax.retrieval.train import load_xpool, retrieval_pairs, train
+    from ivcr_jax.retrieval.train import retrieval_pairs, train
 
     corpus = build_demo_corpus(tmp_path / "demo", seed=0)
     cfg = load_config("configs/xpool.py:tiny")

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ivcr_jax import sharding
-from ivcr_jax.configs_loader import load_config
+from ivcr_jax.cli import load_config
 from ivcr_jax.models import build
 
 GOLDEN = Path(__file__).parent / "golden" / "paper_partition_specs.json"

@@ -9,21 +9,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ivcr_jax.configs_loader import load_config
+from ivcr_jax.checkpoints import Checkpointer
+from ivcr_jax.cli import load_config
+from ivcr_jax.experiment import Experiment
 from ivcr_jax.models import build
+from ivcr_jax.models.params import trainable_filter
+from ivcr_jax.tokenizer import digit_ids as token_digit_ids
 from ivcr_jax.train import aux_losses, optim, step as step_lib
 from ivcr_jax.train import data as data_lib
-from ivcr_jax.train.checkpoint import Checkpointer
+from ivcr_jax.train.aux import make_aux_mode
 from ivcr_jax.train.loop import NonFiniteLoss, train
-from ivcr_jax.models.params import trainable_filter
 
 
-def _config(corpus, **train):
+def _config(corpus, **train) -> Experiment:
     c = load_config("configs/demo.py")
     c.data.annotations = str(Path(corpus) / "ivcr.json")
     c.train.update(dict(steps=8, ckpt_every=4, warmup_steps=2), **train)
     c.mesh.update(data=2, num_devices=2)     # data-parallel over 2 of the 8 fake CPU devices
-    return c
+    return Experiment.resolve(c)
 
 
 def _losses(history):
@@ -59,12 +62,12 @@ def test_an_interrupted_save_is_never_restored(demo_corpus, straight, tmp_path):
     partial = dst / "12.orbax-checkpoint-tmp-1700000000000000"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "garbage").write_bytes(b"\x00" * 10)
-    assert Checkpointer(dst).latest_step() == 8
+    assert Checkpointer(tmp_path).latest_step() == 8
 
 
 def test_frozen_parameters_bit_identical_and_trainable_changed(demo_corpus, straight):
     cfg = _config(demo_corpus)
-    fresh = build.build_model(build.model_config(cfg.model), seed=cfg.seed)
+    fresh = build.build_model(cfg.model, seed=cfg.seed)
     _, p0, f0 = nnx.split(fresh, trainable_filter(cfg.trainable), ...)
     p1, f1 = straight["state"]["params"], straight["frozen"]
     frozen_same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), f0, f1)
@@ -90,7 +93,7 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(demo_corpus, tmp_path
                   clip_norm=0.0)
     with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
         train(cfg, tmp_path, progress=False)
-    ck = Checkpointer(tmp_path / "checkpoints")
+    ck = Checkpointer(tmp_path)
     last = ck.latest_step()
     assert last is not None and last >= 1
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -100,8 +103,8 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(demo_corpus, tmp_path
 @pytest.fixture(scope="module")
 def aux_setup(demo_corpus):
     cfg = _config(demo_corpus)
-    tok = data_lib.tokenizer(cfg)
-    data = data_lib.train_data(cfg, tok)
+    tok = cfg.tokenizer
+    data = data_lib.train_data(cfg)
     batches = []
     while len(batches) < 40:
         b = next(data.iterator)
@@ -110,14 +113,14 @@ def aux_setup(demo_corpus):
     assert (kinds == 1).any() and (kinds == 2).any()
     host = {k: np.concatenate([b[k] for b in batches]) for k in ("kind",)}
     del host
-    model = build.build_model(build.model_config(cfg.model), seed=0)
+    model = build.build_model(cfg.model, seed=0)
     g, p, f = nnx.split(model, trainable_filter(cfg.trainable), ...)
     return cfg, tok, batches, g, p, f
 
 
 def _grads(cfg, tok, batch, g, p, f, mode):
     tx, sched = optim.make_optimizer(cfg.train, p)
-    digit_ids = data_lib.digit_ids(tok)
+    digit_ids = token_digit_ids(tok)
 
     def aux_only(params):
         model = nnx.merge(g, params, f)
@@ -144,7 +147,8 @@ def test_differentiable_aux_losses_have_gradients_faithful_ones_do_not(aux_setup
     outs = {}
     for mode in ("faithful", "off"):
         st = step_lib.init_state(p, tx, 0, cfg.rng_impl)
-        fn = jax.jit(step_lib.make_train_step(g, tx, sched, aux_mode=mode, rng_impl=cfg.rng_impl))
+        aux = make_aux_mode(mode, tok, alpha=cfg.train.alpha, beta=cfg.train.beta)
+        fn = jax.jit(step_lib.make_train_step(g, tx, sched, aux, rng_impl=cfg.rng_impl))
         _, m, _ = fn(st, f, batch)
         outs[mode] = float(m["grad_norm"])
     assert outs["faithful"] == outs["off"]

@@ -11,12 +11,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ivcr_jax.convert import common  # noqa: E402
+from ivcr_jax.convert import common, qformer as qf_conv  # noqa: E402
 from ivcr_jax.models import params as params_lib  # noqa: E402
 from ivcr_jax.models.params import CheckpointError, CheckpointMismatch
 from ivcr_jax.convert.qformer import (LAVIS_IGNORED, convert_hf_qformer, convert_lavis, empty_model,  # noqa: E402
-                                      load_qformer_lavis, load_video_qformer_lavis, video_qformer_flat)
-from ivcr_jax.models.qformer import QFormer, QFormerConfig  # noqa: E402
+                                      video_qformer_flat)
+from ivcr_jax.models.qformer import QFormerConfig  # noqa: E402
 from ivcr_jax.models.video_qformer import (VideoQFormer, VideoQFormerConfig, interpolate_frame_pos,  # noqa: E402
                                            num_video_tokens)
 from reference import noisy as _noisy, rel_err as _rel  # noqa: E402
@@ -204,15 +204,15 @@ def lavis(ref, tmp_path_factory):
 
 def test_lavis_file_loads_and_matches_hf_route(ref, lavis):
     # image Q-Former: exactly the HF route's parameters, plus the query tokens
-    ours = load_qformer_lavis(lavis["path"], IMAGE)
-    hf_route = QFormer.from_hf(lavis["image_dir"])
+    ours = qf_conv.from_lavis(lavis["path"], IMAGE)
+    hf_route = qf_conv.from_hf(lavis["image_dir"])
     got, want = params_lib.flat_state(ours), params_lib.flat_state(hf_route)
     assert set(got) == set(want) | {"query_tokens"}
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k][...]), np.asarray(want[k][...]), err_msg=k)
     np.testing.assert_array_equal(np.asarray(ours.query_tokens[...]), lavis["sd"]["query_tokens"].numpy())
     # video Q-Former: the 32-row table is resized to 96 like TimeChat, and the outputs match
-    video = load_video_qformer_lavis(lavis["path"], VCFG)
+    video = qf_conv.video_from_lavis(lavis["path"], VCFG)
     np.testing.assert_array_equal(np.asarray(video.frame_position_embedding[...]), ref["table"].numpy())
     x = _frames(2, 4)
     np.testing.assert_array_equal(np.asarray(_run(video, x)), np.asarray(_run(_model(ref), x)))
@@ -243,24 +243,24 @@ def _save(lavis, name, edit):
 def test_lavis_errors_name_file_and_keys(lavis):
     p = _save(lavis, "unknown.pth", lambda sd: sd.update({"video_Qformer.bert.pooler.dense.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointMismatch) as e:
-        load_video_qformer_lavis(p, VCFG)
+        qf_conv.video_from_lavis(p, VCFG)
     assert "unknown.pth" in str(e.value) and e.value.unexpected == ["video_Qformer.bert.pooler.dense.weight"]
 
     p = _save(lavis, "missing.pth", lambda sd: sd.pop("video_Qformer.bert.encoder.layer.1.crossattention.self.key.bias"))
     with pytest.raises(CheckpointMismatch) as e:
-        load_video_qformer_lavis(p, VCFG)
+        qf_conv.video_from_lavis(p, VCFG)
     assert "missing.pth" in str(e.value) and e.value.missing == ["bert/layers/1/cross_attn/key/bias"]
 
     p = _save(lavis, "shape.pth", lambda sd: sd.update({"query_tokens": torch.zeros(1, 5, D)}))
     with pytest.raises(CheckpointMismatch) as e:
-        load_qformer_lavis(p, IMAGE)
+        qf_conv.from_lavis(p, IMAGE)
     assert "shape.pth" in str(e.value) and e.value.mismatched == [("query_tokens", (1, 5, D), (1, 4, D))]
 
     p = _save(lavis, "no_video.pth", lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("video")])
     with pytest.raises(CheckpointError, match="no_video.pth.*video_Qformer"):
-        load_video_qformer_lavis(p, VCFG)
+        qf_conv.video_from_lavis(p, VCFG)
 
     p = lavis["dir"] / "notes.pth"
     p.write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="notes.pth"):
-        load_video_qformer_lavis(p, VCFG)
+        qf_conv.video_from_lavis(p, VCFG)

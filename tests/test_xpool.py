@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from ivcr_jax.models.params import flat_state
-from ivcr_jax.retrieval.xpool import (XPool, XPoolConfig, clamp_logit_scale, infonce, pair_cosine,
-                                      similarity_matrix)
+from ivcr_jax.models.xpool import (XPool, XPoolConfig, clamp_logit_scale, infonce, pair_cosine,
+                                   similarity_matrix)
 
 
 def _perturbed(config, seed=0):

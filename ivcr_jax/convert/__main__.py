@@ -16,10 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from ivcr_jax.cli import load_config
+from ivcr_jax.convert import common
+from ivcr_jax.convert.ivcr import save_ivcr
+from ivcr_jax.models.build import model_config
+from ivcr_jax.models.params import CheckpointError
+
 
 def _inspect(path: str, limit: int) -> int:
-    from ivcr_jax.convert import common
-
     p = Path(path)
     items = common.read_hf_dir(p) if p.is_dir() else common.read_any(p)
     n = total = 0
@@ -49,15 +53,9 @@ def main(argv=None) -> int:
     ins.add_argument("--limit", type=int, default=100000)
     args = ap.parse_args(argv)
 
-    from ivcr_jax.models.params import CheckpointError
-
     try:
         if args.cmd == "inspect":
             return _inspect(args.path, args.limit)
-        from ivcr_jax.configs_loader import load_config
-        from ivcr_jax.convert.ivcr import save_ivcr
-        from ivcr_jax.models.build import model_config
-
         cfg = model_config(load_config(args.config).model)
         out = save_ivcr(cfg, args.out, llama=args.llama, eva_vit=args.eva_vit,
                         instructblip=args.instructblip, timechat=args.timechat, videollama=args.videollama)

@@ -1,4 +1,4 @@
-"""Weights of BLIP-2's image-text-contrastive towers (``ivcr_jax.retrieval.features.Blip2ITC``).
+"""Weights of BLIP-2's image-text-contrastive towers (``ivcr_jax.models.blip2_itc.Blip2ITC``).
 
 Sources (stack-notes.md §8; reference-architecture.md §1–§2 for the tower key maps):
 
@@ -24,11 +24,11 @@ from flax import nnx
 
 from ivcr_jax.convert import eva_vit as eva_convert
 from ivcr_jax.convert.common import read_hf_config, read_hf_dir, read_torch, torch_linear
-from ivcr_jax.models.params import CheckpointError, CheckpointMismatch, load_flat
 from ivcr_jax.convert.qformer import convert_hf_qformer, convert_lavis, empty_model
+from ivcr_jax.models.blip2_itc import Blip2ITC, Blip2ITCConfig
 from ivcr_jax.models.eva_vit import EvaViTConfig
+from ivcr_jax.models.params import CheckpointError, CheckpointMismatch, load_flat
 from ivcr_jax.models.qformer import QFormerConfig
-from ivcr_jax.retrieval.features import Blip2ITC, Blip2ITCConfig
 
 Flat = dict[str, np.ndarray]
 

@@ -20,6 +20,7 @@ size of the converted weights.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ivcr_jax.convert import common, eva_vit as eva_conv, llama as llama_conv, qformer as qf_conv
-from ivcr_jax.models import params as params_lib
 from ivcr_jax.convert.common import torch_linear
-from ivcr_jax.models.params import CheckpointMismatch
+from ivcr_jax.convert.store import save_flat
+from ivcr_jax.models import params as params_lib
+from ivcr_jax.models.build import abstract_model
 from ivcr_jax.models.interllava import InterLLaVAConfig
+from ivcr_jax.models.params import CheckpointMismatch
 
 
 def _prefixed(prefix: str, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -95,12 +98,7 @@ def convert_ivcr(cfg: InterLLaVAConfig, *, llama: str, eva_vit: str, instructbli
 
 
 def save_ivcr(cfg: InterLLaVAConfig, out: str | Path, *, check: bool = True, **sources) -> Path:
-    """Convert and write a checkpoint that ``build.load_converted`` (and training/eval) load directly."""
-    import dataclasses
-
-    from ivcr_jax.convert.store import save_flat
-    from ivcr_jax.models.build import abstract_model
-
+    """Convert and write a checkpoint that ``convert.store.load_into`` (and training/eval) load directly."""
     targets = params_lib.flat_state(abstract_model(cfg))
     dtypes = {k: np.dtype(v.get_value().dtype) for k, v in targets.items()}
     flat = convert_ivcr(cfg, model_dtypes=dtypes, **sources)

@@ -14,7 +14,8 @@ Follows reference-architecture §6 (HF key names) and §7 (conversion checklist)
   random rows at every build and never saves them (reference-architecture §8.7); here the new
   rows are the mean of the existing ones, deterministic, and saved with the model.
 
-Every mismatch raises :class:`CheckpointMismatch` naming the source and the HF keys.
+:func:`from_hf` builds the :class:`Llama` (bf16 by default). Every mismatch raises
+:class:`CheckpointMismatch` naming the source and the HF keys.
 """
 from __future__ import annotations
 
@@ -182,10 +183,10 @@ def convert_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dt
     return flat, config
 
 
-def load_llama(path: str | os.PathLike, *, config: LlamaConfig | None = None,
-               lora: LoRAConfig | None = None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-               lora_param_dtype=jnp.float32, extra_vocab: int = 0, seed: int = 0,
-               **config_overrides) -> Llama:
+def from_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None,
+            lora: LoRAConfig | None = None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+            lora_param_dtype=jnp.float32, extra_vocab: int = 0, seed: int = 0,
+            **config_overrides) -> Llama:
     """Build a :class:`Llama` from an HF ``LlamaForCausalLM`` directory (or a bare state-dict file
     with ``config``).
 

@@ -15,6 +15,9 @@ The converters take an iterator of ``(name, array)`` (one file stream) and retur
 somewhere: to a Q-Former dict, to ``other[tower]`` (keys of towers converted elsewhere, returned
 unchanged), or to ``ignored`` (keys dropped on purpose, listed in ``LAVIS_IGNORED`` /
 ``HF_IGNORED``). Anything else raises :class:`CheckpointMismatch` naming the file and the keys.
+
+Entry points that build the modules: :func:`from_hf` and :func:`from_lavis` (the image
+:class:`QFormer`), :func:`video_from_lavis` (the :class:`VideoQFormer`).
 """
 from __future__ import annotations
 
@@ -184,8 +187,8 @@ def convert_hf_qformer(items: Items, *, prefix: str = "", source: str = "<weight
     return HFQFormerParts(flat, other, ignored)
 
 
-def load_qformer_hf(path, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    config: QFormerConfig | None = None) -> QFormer:
+def from_hf(path, *, dtype=jnp.float32, param_dtype=jnp.float32,
+            config: QFormerConfig | None = None) -> QFormer:
     """Build a :class:`QFormer` from an HF directory (bare Q-Former or full InstructBLIP / BLIP-2)."""
     cfg = read_hf_config(path)
     config = config or QFormerConfig.from_hf_config(cfg)
@@ -256,8 +259,8 @@ def convert_lavis(items: Items, *, source: str = "<weights>", max_frame_pos: int
     return LavisParts(qf, vq, other, ignored)
 
 
-def load_qformer_lavis(path, config: QFormerConfig | None = None, *, dtype=jnp.float32,
-                       param_dtype=jnp.float32) -> QFormer:
+def from_lavis(path, config: QFormerConfig | None = None, *, dtype=jnp.float32,
+               param_dtype=jnp.float32) -> QFormer:
     """Build the image :class:`QFormer` from a LAVIS-style ``.pth`` (``{"model": sd}`` or a bare sd).
 
     The config defaults to TimeChat/IVCR's (BERT-base, 32 queries, text branch, vocab 30523);
@@ -272,8 +275,8 @@ def load_qformer_lavis(path, config: QFormerConfig | None = None, *, dtype=jnp.f
     return model
 
 
-def load_video_qformer_lavis(path, config: VideoQFormerConfig | None = None, *, dtype=jnp.float32,
-                             param_dtype=jnp.float32) -> VideoQFormer:
+def video_from_lavis(path, config: VideoQFormerConfig | None = None, *, dtype=jnp.float32,
+                     param_dtype=jnp.float32) -> VideoQFormer:
     """Build the :class:`VideoQFormer` from a TimeChat / Video-LLaMA / IVCR ``.pth``."""
     config = config or VideoQFormerConfig()
     parts = convert_lavis(read_torch(path), source=str(path), max_frame_pos=config.max_frame_pos)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ivcr_jax.models.params import CheckpointError, CheckpointMismatch, check_flat, flat_state
+from ivcr_jax.models.params import CheckpointError, check_flat, flat_state
 
 FORMAT = "ivcr_jax.converted/1"
 

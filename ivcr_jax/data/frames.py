@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+# File suffixes taken for videos when a corpus directory is listed (chat, retriever index).
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

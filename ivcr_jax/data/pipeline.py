@@ -25,18 +25,8 @@ longest sample (the choice made here: pad each batch to its own bucket, which ke
 in the HEAD setting); each group is padded to a fixed number of videos per sample (the config's caps,
 else the largest count any sample of the run needs) with ``video_mask``.
 
-Batch (all numpy; B = batch_size, S = bucket, V = group capacity, T = group frame count)::
-
-    input_ids          int32 [B, S]   pad = eos (2)
-    attention_mask     int32 [B, S]
-    labels             int32 [B, S]   -100 where not supervised; not shifted
-    video_token_index  int32 [B, S]   row in the sample's video-token sequence, -1 for text
-    videos: {group: {frames uint8 [B, V, T, H, W, 3], timestamp_ids int32 [B, V, T, L_ts],
-                     timestamp_mask int32 [B, V, T, L_ts], frame_mask bool [B, V, T],
-                     video_mask bool [B, V]}}
-    kind int32 [B] (0 chat, 1 retrieval, 2 moment)   target_index int32 [B] (0-based, -1)
-    gt_span float32 [B, 2] (-1)   duration float32 [B] (moment video, else -1)
-    sample_id int32 [B] (-1 for padding rows)   weight float32 [B] (0 for padding / skipped rows)
+The batch's arrays, shapes, dtypes and padding values are those of ``ivcr_jax.data.batch``
+(:class:`~ivcr_jax.data.batch.BatchLayout`).
 
 The video-token sequence of a sample is, group by group in sorted group-name order, slot by slot
 (padded slots included), each video's ``n_tok = 32·ceil(T/32)`` tokens: the model computes
@@ -72,14 +62,13 @@ import grain
 import numpy as np
 
 from ivcr_jax.data import frames as frames_lib
+from ivcr_jax.data.batch import ROW, TEXT_PAD, BatchLayout
 from ivcr_jax.data.samples import (
-    IGNORE, Sample, SampleConfig, SampleRef, SampleTooLong, VideoRequest, build_sample, group_name,
+    Sample, SampleConfig, SampleRef, SampleTooLong, VideoRequest, build_sample, group_name,
     kind_code, prefix_videos,
 )
 
 log = logging.getLogger(__name__)
-
-PAD_ID = 2  # LLaMA eos, the reference's pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +199,12 @@ def group_frames(cfg: SampleConfig) -> dict[str, int]:
     return {group_name(n): n for n in (cfg.retrieval_frames, cfg.moment_frames)}
 
 
+def batch_layout(cfg: PipelineConfig, capacity: Mapping[str, int]) -> BatchLayout:
+    """The batch layout of ``cfg`` with ``capacity`` videos per sample in each group."""
+    frames = group_frames(cfg.sample)
+    return BatchLayout({g: (int(capacity[g]), frames[g]) for g in frames}, cfg.frame_size, cfg.timestamp_len)
+
+
 def group_capacity(cfg: SampleConfig, samples: Sequence[SampleRef]) -> dict[str, int]:
     """Videos per sample of each group: the config's caps, else the largest count in ``samples``."""
     caps = cfg.group_capacity()
@@ -235,14 +230,16 @@ class _TagEpoch:
         return i // self.n, ref
 
 
-class _Load:
-    """``(epoch, SampleRef | None)`` → one padded sample dict, or a skip record."""
+class SampleLoader:
+    """``(epoch, SampleRef | None)`` → one sample's arrays (the text unpadded), or a skip record.
 
-    def __init__(self, cfg: PipelineConfig, tokenizer, capacity: Mapping[str, int], train: bool, seed: int,
-                 videos):
-        self.cfg, self.tokenizer, self.capacity = cfg, tokenizer, dict(capacity)
+    ``pack`` turns an already built :class:`~ivcr_jax.data.samples.Sample` and its decoded frames
+    into the same arrays (inference prompts, ``ivcr_jax.data.prompts``).
+    """
+
+    def __init__(self, cfg: PipelineConfig, tokenizer, layout: BatchLayout, *, train: bool, seed: int, videos):
+        self.cfg, self.tokenizer, self.layout = cfg, tokenizer, layout
         self.train, self.seed, self.videos = train, int(seed), videos
-        self.group_frames = group_frames(cfg.sample)
         self._ts_cache: dict[str, list[int]] = {}
 
     def timestamp_tokens(self, t: float) -> list[int]:
@@ -278,17 +275,8 @@ class _Load:
         return self.pack(s, decoded)
 
     def pack(self, s: Sample, decoded) -> dict:
-        L, size = self.cfg.timestamp_len, self.cfg.frame_size
-        groups = {}
-        for g, T in self.group_frames.items():
-            V = self.capacity[g]
-            groups[g] = {
-                "frames": np.zeros((V, T, size, size, 3), np.uint8),
-                "timestamp_ids": np.full((V, T, L), PAD_ID, np.int32),
-                "timestamp_mask": np.zeros((V, T, L), np.int32),
-                "frame_mask": np.zeros((V, T), bool),
-                "video_mask": np.zeros((V,), bool),
-            }
+        size = self.cfg.frame_size
+        groups = self.layout.empty_videos()
         duration = -1.0
         for v, slot in zip(s.videos, s.video_slots()):
             f = decoded[(v.path, v.num_frames)]
@@ -308,7 +296,7 @@ class _Load:
         return {
             "input_ids": s.input_ids,
             "labels": s.labels,
-            "video_token_index": s.video_token_index(self.capacity),
+            "video_token_index": s.video_token_index({g: v for g, (v, _) in self.layout.groups.items()}),
             "videos": groups,
             "kind": np.int32(kind_code(s.kind)),
             "target_index": np.int32(s.target_index - 1 if s.target_index is not None else -1),
@@ -346,9 +334,6 @@ class _ProcessBlocks(grain.MapDataset):
         return f"ProcessBlocks[{self._index} of {self._count}, {self._b} rows]"
 
 
-TEXT_PAD = {"input_ids": PAD_ID, "attention_mask": 0, "labels": IGNORE, "video_token_index": -1}
-
-
 def pad_text(batch: dict, length: int) -> dict:
     """Right-pad the ``[B, S]`` text arrays of a batch to ``length`` (another bucket)."""
     S = batch["input_ids"].shape[1]
@@ -362,40 +347,24 @@ def pad_text(batch: dict, length: int) -> dict:
     return out
 
 
-class _Batch:
-    """Stacks samples, pads text to a bucket and the batch to ``batch_size`` rows (weight 0)."""
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    """The smallest text bucket that holds ``n`` tokens."""
+    for b in buckets:
+        if n <= b:
+            return int(b)
+    raise ValueError(f"a sample of {n} tokens exceeds the largest text bucket {buckets[-1]}")
 
-    def __init__(self, cfg: PipelineConfig, capacity: Mapping[str, int]):
-        self.cfg, self.capacity = cfg, dict(capacity)
-        self.group_frames = group_frames(cfg.sample)
 
-    def bucket(self, n: int) -> int:
-        for b in self.cfg.buckets:
-            if n <= b:
-                return b
-        raise ValueError(f"a sample of {n} tokens exceeds the largest bucket {self.cfg.buckets[-1]}")
+class Batcher:
+    """Stacks samples into the layout, text padded to a bucket, the batch to ``batch_size`` rows (weight 0)."""
+
+    def __init__(self, layout: BatchLayout, buckets: Sequence[int], batch_size: int):
+        self.layout, self.buckets, self.batch_size = layout, tuple(buckets), int(batch_size)
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
-        cfg, B = self.cfg, self.cfg.batch_size
         real = [r for r in rows if "input_ids" in r]
-        S = self.bucket(max([len(r["input_ids"]) for r in real], default=1))
-        L, size = cfg.timestamp_len, cfg.frame_size
-        out = {
-            **{k: np.full((B, S), v, np.int32) for k, v in TEXT_PAD.items()},
-            "videos": {g: {
-                "frames": np.zeros((B, V, self.group_frames[g], size, size, 3), np.uint8),
-                "timestamp_ids": np.full((B, V, self.group_frames[g], L), PAD_ID, np.int32),
-                "timestamp_mask": np.zeros((B, V, self.group_frames[g], L), np.int32),
-                "frame_mask": np.zeros((B, V, self.group_frames[g]), bool),
-                "video_mask": np.zeros((B, V), bool),
-            } for g, V in sorted(self.capacity.items())},
-            "kind": np.zeros((B,), np.int32),
-            "target_index": np.full((B,), -1, np.int32),
-            "gt_span": np.full((B, 2), -1.0, np.float32),
-            "duration": np.full((B,), -1.0, np.float32),
-            "sample_id": np.full((B,), -1, np.int32),
-            "weight": np.zeros((B,), np.float32),
-        }
+        S = bucket_for(max([len(r["input_ids"]) for r in real], default=1), self.buckets)
+        out = self.layout.empty(self.batch_size, S)
         for i, r in enumerate(rows):
             if "input_ids" not in r:  # a skipped sample (evaluation) or a padding row
                 if r.get("skip"):
@@ -409,7 +378,7 @@ class _Batch:
             for g, arrs in r["videos"].items():
                 for k, a in arrs.items():
                     out["videos"][g][k][i] = a
-            for k in ("kind", "target_index", "gt_span", "duration", "sample_id", "weight"):
+            for k in ROW:
                 out[k][i] = r[k]
         return out
 
@@ -468,6 +437,7 @@ def make_pipeline(
         raise ValueError("no samples to iterate over")
     if videos is None:
         if cfg.prepared:
+            # Lazy: prepare.py imports tensorflow_datasets, a heavy optional dependency of raw-video runs.
             from ivcr_jax.data.prepare import PreparedVideos
 
             videos = PreparedVideos(cfg.prepared, size=cfg.frame_size)
@@ -491,7 +461,8 @@ def make_pipeline(
         local = [(0, r) for r in local] + [(0, None)] * (per_process - len(local))
         ds = grain.MapDataset.source(local)
         num_local = per_process
-    ds = ds.map(_Load(cfg, tokenizer, capacity, train, seed, videos))
+    layout = batch_layout(cfg, capacity)
+    ds = ds.map(SampleLoader(cfg, tokenizer, layout, train=train, seed=seed, videos=videos))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_prefetch))
     if cfg.num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
@@ -503,9 +474,9 @@ def make_pipeline(
 
     it = it.filter(keep)
     it = it.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder if train else False,
-                  batch_fn=_Batch(cfg, capacity))
+                  batch_fn=Batcher(layout, cfg.buckets, cfg.batch_size))
     return Pipeline(it, stats, capacity, num_local, cfg, train)
 
 
-__all__ = ["PipelineConfig", "Pipeline", "PipelineStats", "RawVideos", "make_pipeline", "group_capacity",
-           "group_frames", "pad_text", "PAD_ID", "TEXT_PAD"]
+__all__ = ["PipelineConfig", "Pipeline", "PipelineStats", "RawVideos", "SampleLoader", "Batcher", "make_pipeline",
+           "batch_layout", "bucket_for", "group_capacity", "group_frames", "pad_text"]

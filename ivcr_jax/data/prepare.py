@@ -1,10 +1,11 @@
 """Decode a corpus once into a TFDS ``array_record`` dataset, then train and evaluate many times.
 
-    python -m ivcr_jax.data.prepare --corpus DIR --out DIR [--split train] [--frames paper|head]
+    python -m ivcr_jax.data.prepare --corpus DIR --out DIR [--split train] [--config configs/paper.py[:head64]]
 
-``--corpus`` is a corpus root holding ``ivcr.json`` and ``videos/`` (the layout of
-``ivcr_jax.data.demo``), or the JSON file itself (videos then resolve against ``--videos``, default
-the JSON's ``videos/`` sibling or its directory).
+Frame counts and size come from the config (``config.data.retrieval_frames``, ``moment_frames``,
+``frame_size``, ``lang``). ``--corpus`` is a corpus root holding ``ivcr.json`` and ``videos/`` (the
+layout of ``ivcr_jax.data.demo``), or the JSON file itself (videos then resolve against
+``config.data.video_root``, default the JSON's ``videos/`` sibling or its directory).
 
 What is stored (a ``tfds.core.GeneratorBasedBuilder``, ``file_format="array_record"``, without
 TensorFlow: only ``Tensor`` / ``Text`` / ``Scalar`` features, never ``Image`` / ``Video``): one record
@@ -17,7 +18,8 @@ The split's dialogue records (both languages) are saved beside the records as ``
 samples (tokens, labels) are rebuilt from them at load time, so one prepared dataset serves any
 tokenizer and prompt setting with the same frame counts and size.
 
-The pipeline reads it with ``PipelineConfig(prepared=PATH)`` (or ``videos=PreparedVideos(PATH)``)
+Training and evaluation read it with ``--config.data.prepared=PATH`` (``PipelineConfig(prepared=PATH)``,
+or ``videos=PreparedVideos(PATH)``)
 and then gives the same evaluation batches as decoding the raw videos. Frames are stored as
 evaluation ("uniform") frames: training from a prepared dataset sees those frames every epoch,
 without the per-epoch random frame sampling of raw decoding.
@@ -38,9 +40,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ivcr_jax import cli
 from ivcr_jax.data import frames as frames_lib
 from ivcr_jax.data.samples import SampleConfig, VideoRequest, turn_videos
-from ivcr_jax.data.schema import load_dialogues
+from ivcr_jax.data.schema import load_dialogues, resolve_video_root
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +56,13 @@ def corpus_paths(corpus: str | os.PathLike, videos: str | os.PathLike | None = N
     corpus = Path(corpus)
     if corpus.is_dir():
         json_path = corpus / "ivcr.json"
-        root = corpus
     elif corpus.is_file():
-        json_path, root = corpus, corpus.parent
+        json_path = corpus
     else:
         raise FileNotFoundError(f"{corpus}: no such corpus directory or JSON file")
     if not json_path.is_file():
         raise FileNotFoundError(f"{json_path}: the corpus has no ivcr.json")
-    if videos is None:
-        videos = root / "videos" if (root / "videos").is_dir() else root
-    return json_path, Path(videos)
+    return json_path, Path(resolve_video_root(json_path, videos))
 
 
 def video_key(video_id: str, num_frames: int) -> str:
@@ -281,32 +281,32 @@ def load_prepared_dialogues(path: str | os.PathLike, **kw):
     return load_dialogues(_find_data_dir(Path(path)) / DIALOGUES_FILE, **kw)
 
 
-PRESETS = {"paper": (12, 96), "head": (64, 64)}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Decode an IVCR corpus once into a TFDS array_record dataset.")
+    """``python -m ivcr_jax.data.prepare --corpus C --out DIR [--config configs/paper.py[:head64]]``.
+
+    Frame counts, frame size, video root and language are the experiment's (``config.data``), so
+    the prepared dataset holds exactly the frames that config's training draws from.
+    """
+    p = argparse.ArgumentParser(prog="python -m ivcr_jax.data.prepare",
+                                description="Decode an IVCR corpus once into a TFDS array_record dataset.")
     p.add_argument("--corpus", required=True, help="corpus root (ivcr.json + videos/) or the JSON file")
     p.add_argument("--out", required=True, help="output directory (TFDS data_dir)")
     p.add_argument("--split", default=None, help="only dialogues of this split (default: all splits, stored as split 'full')")
-    p.add_argument("--frames", choices=sorted(PRESETS), default="paper",
-                   help="paper: 12 per candidate / 96 per moment video; head: 64 / 64")
-    p.add_argument("--retrieval-frames", type=int, default=None)
-    p.add_argument("--moment-frames", type=int, default=None)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--videos", default=None, help="video root (default: <corpus>/videos)")
-    p.add_argument("--lang", choices=("en", "zh"), default="en")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    r, m = PRESETS[args.frames]
-    path = prepare(args.corpus, args.out, split=args.split, retrieval_frames=args.retrieval_frames or r,
-                   moment_frames=args.moment_frames or m, size=args.size, videos=args.videos, lang=args.lang)
-    v = PreparedVideos(path)
-    print(f"prepared {len(v.index)} videos ({len(v.failed)} failed) in {path}")
-    for k, e in list(v.failed.items())[:10]:
-        print(f"  failed {k}: {e}")
-    print(f"use it with PipelineConfig(prepared={str(path)!r})")
-    return 0
+
+    def body() -> int:
+        config, args = cli.parse(argv, p, default_config="configs/paper.py")
+        d = config.data
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        path = prepare(args.corpus, args.out, split=args.split, retrieval_frames=int(d.retrieval_frames),
+                       moment_frames=int(d.moment_frames), size=int(d.frame_size), videos=d.video_root or None,
+                       lang=d.lang)
+        v = PreparedVideos(path)
+        print(f"prepared {len(v.index)} videos ({len(v.failed)} failed) in {path}")
+        for k, e in list(v.failed.items())[:10]:
+            print(f"  failed {k}: {e}")
+        print(f"use it with --config.data.prepared={path}")
+        return 0
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -48,12 +48,12 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ivcr_jax.data.batch import IGNORE
+from ivcr_jax.data.frames import frames_message
 from ivcr_jax.data.schema import KINDS, MOMENT, RETRIEVAL, Dialogue
-from ivcr_jax.tokenizer import VIDEO_TOKEN
+from ivcr_jax.tokenizer import BOS_ID, EOS_ID, VIDEO_TOKEN
 
 SYSTEM_MESSAGE = "You are an excellent video retrieval AI assistant."
-IGNORE = -100
-BOS_ID, EOS_ID = 1, 2
 
 
 class SampleTooLong(ValueError):
@@ -295,8 +295,6 @@ def user_text(dialogue: Dialogue, turn_idx: int, cfg: SampleConfig,
             if timestamps is None or turn_idx not in timestamps:
                 raise ValueError(f"dialogue {dialogue.index} turn {turn_idx}: the moment turn's frame-time "
                                  f"message needs the decoded frames' timestamps (timestamps[{turn_idx}])")
-            from ivcr_jax.data.frames import frames_message
-
             # IVCR inserts ". <message>." after </VIDEO>; the turn text already starts with ".".
             head += ". " + frames_message(timestamps[turn_idx]) + ("." if cfg.double_dot else "")
         return (head + "." + q).strip()

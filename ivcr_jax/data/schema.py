@@ -316,3 +316,23 @@ def load_dialogues(
         out.append(d)
     report.loaded = len(out)
     return out, report
+
+
+def resolve_video_root(annotations: str | os.PathLike, video_root: str | os.PathLike | None = None,
+                       dialogues=()) -> str:
+    """The directory the JSON's relative video paths are resolved against — the one rule.
+
+    ``video_root`` when given; else the JSON's ``videos/`` subdirectory when there is one (the
+    corpus layout ``<dir>/ivcr.json`` + ``<dir>/videos/`` of the demo and of prepared corpora) and
+    the first referenced video of ``dialogues`` is not found beside the JSON instead; else the
+    JSON's own directory.
+    """
+    if video_root:
+        return str(video_root)
+    parent = Path(annotations).parent
+    sub = parent / "videos"
+    if sub.is_dir():
+        first = next((v for d in dialogues for t in d.turns for v in ((t.video_id,) + t.candidate_videos) if v), None)
+        if first is None or (sub / first).exists() or not (parent / first).exists():
+            return str(sub)
+    return str(parent)

@@ -10,27 +10,37 @@ included. A malformed line stops the run with an error naming the line number; `
 skips such lines and reports how many. Writes ``metrics.json``, ``turn_scores.jsonl``, ``report.md``
 and PNG charts under ``--out`` and prints the metrics table.
 
-Without ``--predictions`` the model-driven mode (``--config``, ``--checkpoint``) is delegated to
-``ivcr_jax.eval.run_model.main(args)``: it generates the answers of every test turn, writes
-``predictions.jsonl`` (with per-stage timings) under ``--out`` and scores it the same way::
+Without ``--predictions`` a model is run first (``ivcr_jax.eval.run_model``): it generates the
+answers of every test turn, writes ``predictions.jsonl`` (with per-stage timings) under ``--out``
+and scores it the same way. Generation settings are config keys (``config.eval``)::
 
     python -m ivcr_jax.eval --config configs/paper.py:tiny --checkpoint WORKDIR_OR_CONVERTED_DIR \\
-        --annotations corpus/ivcr.json [--split test] [--history teacher|model] [--max-samples N]
+        [--annotations corpus/ivcr.json] [--split test] [--history teacher|model] [--max-samples N] \\
+        [--config.eval.max_new_tokens=64] [--config.eval.batch_size=4] [--config.data.video_root=DIR]
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
+from ivcr_jax import cli
+from ivcr_jax.cli import UsageError
+from ivcr_jax.data.schema import load_dialogues
+from ivcr_jax.eval.metrics import PredictionsFormatError, evaluate_predictions, read_predictions
+from ivcr_jax.eval.report import publish
+from ivcr_jax.eval.run_model import evaluate_model
+from ivcr_jax.experiment import Experiment
+from ivcr_jax.models.params import CheckpointError
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ivcr_jax.eval", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m ivcr_jax.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--annotations", help="IVCR-200K dialogue JSON (model mode: default config.data.annotations)")
     p.add_argument("--split", default="test", help="split to score (default: test)")
-    p.add_argument("--lang", default="en", choices=("en", "zh"), help="answer language; selects the BLEU tokenizer")
+    p.add_argument("--lang", default=None, choices=("en", "zh"),
+                   help="answer language; selects the BLEU tokenizer (default en; model mode: config.data.lang)")
     p.add_argument("--predictions", help="predictions JSONL; without it a model is run (see --config)")
     p.add_argument("--out", help="output directory for metrics.json, report.md and charts (model mode: default "
                                 "<workdir>/eval_<split> or ./eval_<split>)")
@@ -38,68 +48,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="match predictions to turns by text_id (default) or by the exact user question "
                         "(the reference's matching)")
     p.add_argument("--history", default="teacher", choices=("teacher", "model"),
-                   help="how the predictions were produced: ground-truth history or the model's own (recorded)")
+                   help="ground-truth history in the prompts, or the model's own earlier answers")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed predictions lines (counted in metrics.json) instead of failing")
     p.add_argument("--max-turn", type=int, default=7, help="last per-turn row collects turns >= this (default 7)")
     p.add_argument("--no-charts", action="store_true", help="do not write PNG charts")
-    # --- model-driven mode (implemented in ivcr_jax.eval.run_model) ---
-    p.add_argument("--config", help="[model mode] experiment config, e.g. configs/paper.py:tiny")
-    p.add_argument("--checkpoint", help="[model mode] checkpoint directory to evaluate")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="[model mode] config override, e.g. --set data.moment_frames=32 (repeatable)")
+    # --- model-driven mode (ivcr_jax.eval.run_model) ---
+    p.add_argument("--checkpoint", help="[model mode] converted weights or a training workdir")
     p.add_argument("--max-samples", type=int, help="[model mode] evaluate only the first N samples (dialogue order)")
-    p.add_argument("--batch-size", type=int, default=1, help="[model mode] prompts per generation batch (default 1)")
-    p.add_argument("--max-new-tokens", type=int, help="[model mode] answer budget (default config.eval.max_new_tokens "
-                                                     "or 512)")
-    p.add_argument("--temperature", type=float, default=0.0, help="[model mode] 0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="[model mode] nucleus sampling mass (with --temperature)")
-    p.add_argument("--seed", type=int, help="[model mode] sampling seed (default config.seed)")
-    p.add_argument("--video-root", help="[model mode] directory the JSON's video paths are relative to")
     p.add_argument("--index", help="[model mode] retriever index directory: time retrieval per retrieval turn")
     p.add_argument("--retriever-model", help="[model mode] exported X-Pool for --index")
     p.add_argument("--mesh", action="store_true", help="[model mode] shard the model over config.mesh")
-    p.add_argument("--video-slots", default="bucketed", choices=("bucketed", "cap"),
-                   help="[model mode] pad video groups to 1/2/10k slots (default) or always to the config cap")
     return p
 
 
-def _run_model(args) -> int:
-    # --- model-driven mode: --config / --checkpoint are handled by ivcr_jax.eval.run_model ---
-    try:
-        run_model = importlib.import_module("ivcr_jax.eval.run_model")
-    except ImportError as e:
-        print(f"model evaluation not available: {e}. Score an existing file with --predictions PRED.jsonl.",
-              file=sys.stderr)
-        return 2
-    return int(run_model.main(args) or 0)
-
-
 def score_file(args) -> int:
-    from ivcr_jax.data.schema import load_dialogues
-    from ivcr_jax.eval.metrics import PredictionsFormatError, evaluate_predictions, read_predictions
-    from ivcr_jax.eval.report import format_table, write_report
-
     for name in ("annotations", "out"):
         if not getattr(args, name):
-            print(f"error: --{name} is required with --predictions", file=sys.stderr)
-            return 2
+            raise UsageError(f"--{name} is required with --predictions")
     for name in ("annotations", "predictions"):
         if not Path(getattr(args, name)).is_file():
-            print(f"error: --{name} {getattr(args, name)}: no such file", file=sys.stderr)
-            return 2
-    dialogues, load_report = load_dialogues(args.annotations, split=args.split, lang=args.lang)
+            raise UsageError(f"--{name} {getattr(args, name)}: no such file")
+    lang = args.lang or "en"
+    dialogues, load_report = load_dialogues(args.annotations, split=args.split, lang=lang)
     if not dialogues:
-        print(f"error: no dialogues of split {args.split!r} in {args.annotations}\n{load_report.summary()}",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"no dialogues of split {args.split!r} in {args.annotations}\n{load_report.summary()}")
     try:
         preds, timings, stats = read_predictions(args.predictions, match=args.match,
                                                  skip_bad_lines=args.skip_bad_lines)
     except PredictionsFormatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    results = evaluate_predictions(dialogues, preds, history=args.history, match=args.match, lang=args.lang,
+        raise UsageError(str(e)) from None
+    results = evaluate_predictions(dialogues, preds, history=args.history, match=args.match, lang=lang,
                                    max_turn=args.max_turn)
     results["input"] = {
         "annotations": str(args.annotations),
@@ -112,24 +91,29 @@ def score_file(args) -> int:
     }
     if stats["bad_line_examples"]:
         results["input"]["predictions_bad_line_examples"] = stats["bad_line_examples"]
-    paths = write_report(results, args.out, timings=timings, charts=not args.no_charts)
-    print(format_table(results, timings))
-    print()
-    print(f"metrics: {paths['metrics']}")
-    print(f"report:  {paths['report']}")
-    pngs = [str(v) for k, v in paths.items() if v.suffix == ".png"]
-    if pngs:
-        print("charts:  " + ", ".join(pngs))
+    publish(results, args.out, timings=timings, charts=not args.no_charts)
     if stats["bad_lines"]:
         print(f"warning: skipped {stats['bad_lines']} malformed predictions lines", file=sys.stderr)
     return 0
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.predictions is None:
-        return _run_model(args)
-    return score_file(args)
+def main(argv=None, *, model=None, tokenizer=None) -> int:
+    """``python -m ivcr_jax.eval``; ``model`` / ``tokenizer`` may be passed in (notebooks, tests)."""
+    def body() -> int:
+        config, args = cli.parse(argv, build_parser(), config_required=False)
+        if args.predictions is not None:
+            return score_file(args)
+        if config is None:
+            raise UsageError("the model-driven mode needs --config (or score a file with --predictions)")
+        if args.lang is not None:
+            raise UsageError("in the model-driven mode the answer language is config.data.lang "
+                             "(--config.data.lang=zh), not --lang")
+        exp = Experiment.resolve(config)
+        try:
+            return evaluate_model(exp, args, model=model, tokenizer=tokenizer)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise UsageError(str(e)) from None
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections import Counter, defaultdict
 from typing import Iterable, Mapping, Sequence
 
-from ivcr_jax.eval.parse import parse_intent, parse_moment, parse_video_index
+from ivcr_jax.data.answers import iou, parse_intent, parse_moment, parse_video_index
 
 __all__ = [
     "iou",
@@ -50,30 +49,6 @@ KINDS = ("retrieval", "moment", "chat")
 
 
 # ------------------------------------------------------------------------- basic metrics ---
-
-def iou(pred: Sequence[float] | None, gt: Sequence[float] | None) -> float:
-    """Temporal IoU of two [start, end] spans (seconds).
-
-    ``max(min(e1, e2) - max(s1, s2), 0) / (max(e1, e2) - min(s1, s2))`` (§8.5), with:
-
-    * reversed spans (end < start) normalised to (min, max) first, as the reference's parser does;
-    * a zero-length union (both spans are the same point) gives 1.0 when the points are equal —
-      otherwise the union is not zero-length — and two distinct points give 0.0;
-    * ``None`` (an unparseable prediction) or a non-finite bound gives 0.0.
-    """
-    if pred is None or gt is None:
-        return 0.0
-    s1, e1 = sorted((float(pred[0]), float(pred[1])))
-    s2, e2 = sorted((float(gt[0]), float(gt[1])))
-    if not all(math.isfinite(v) for v in (s1, e1, s2, e2)):
-        return 0.0
-    union = max(e1, e2) - min(s1, s2)
-    if union <= 0.0:
-        # Both spans are the same single point (a distinct point would make the union positive).
-        return 1.0 if (s1, e1) == (s2, e2) else 0.0
-    inter = max(min(e1, e2) - max(s1, s2), 0.0)
-    return inter / union
-
 
 def recall_at_1(pred_indices: Sequence[int | None], gt_indices: Sequence[int | None]) -> float:
     """Fraction of queries whose predicted candidate index equals the ground-truth index.

@@ -269,3 +269,19 @@ def write_report(results: Mapping, out_dir: str | Path, *, timings: Mapping[str,
     paths["report"] = out_dir / "report.md"
     paths["report"].write_text(markdown_report(results, timings, [p.name for p in pngs], title=title), encoding="utf-8")
     return paths
+
+
+def publish(results: Mapping, out_dir: str | Path, *, timings: Mapping[str, Sequence[float]] | None = None,
+            charts: bool = True, predictions: str | Path | None = None) -> dict[str, Path]:
+    """:func:`write_report`, then the table and where everything is, on the terminal."""
+    paths = write_report(results, out_dir, timings=timings, charts=charts)
+    print(format_table(results, timings))
+    print()
+    if predictions is not None:
+        print(f"predictions: {predictions}")
+    print(f"metrics: {paths['metrics']}")
+    print(f"report:  {paths['report']}")
+    pngs = [str(v) for v in paths.values() if v.suffix == ".png"]
+    if pngs:
+        print("charts:  " + ", ".join(pngs))
+    return paths

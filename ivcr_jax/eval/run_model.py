@@ -1,7 +1,8 @@
 """Model-driven evaluation: run InterLLaVA over the test dialogues, write predictions, score them.
 
     python -m ivcr_jax.eval --config configs/paper.py:tiny --checkpoint WORKDIR_OR_CONVERTED_DIR \\
-        [--split test] [--annotations FILE] [--out DIR] [--history teacher|model] [--max-samples N]
+        [--split test] [--annotations FILE] [--out DIR] [--history teacher|model] [--max-samples N] \\
+        [--config.eval.batch_size=8] [--config.eval.temperature=1.0 --config.eval.top_p=0.8]
 
 Follows reference-architecture §8.2–§8.5: every turn of every test dialogue (type ≠ [0]) is a
 sample; its prompt holds the earlier turns with their **ground-truth** answers (``--history
@@ -12,7 +13,7 @@ is prompted after its turn ``t - 1`` was answered; a turn that could not be run 
 prompt too long) keeps its ground-truth answer in later prompts.
 
 Evaluation is deterministic: frames are sampled uniformly, decoding is greedy unless
-``--temperature`` is given (then sampled from ``--seed``). The reference's evaluation was not
+``config.eval.temperature > 0`` (then sampled from ``config.seed``). The reference's evaluation was not
 (§8.5: random crops and frames, sampled decoding).
 
 Outputs under ``--out``: ``predictions.jsonl`` (``text_id``, ``answer``, ``timings`` in seconds per
@@ -30,7 +31,7 @@ RTX 4090):
   gives the first part alone);
 * ``decode``: the decode loop. Compilation is excluded (reported separately in metrics.json).
 
-At ``--batch-size`` 1 (default) these are per-query latencies; with larger batches each query is
+At ``config.eval.batch_size`` 1 (default) these are per-query latencies; with larger batches each query is
 given its batch's stage time divided by the batch's real rows (amortised cost).
 
 Each prompt is padded to a text bucket (``config.data.text_buckets``) and each video group to a
@@ -42,225 +43,24 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import math
-import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
-__all__ = ["PromptLoader", "Prompt", "build_and_load", "clean_answer", "load_eval_config", "main", "pipeline_config",
-           "run", "video_root_for"]
+import jax
 
+from ivcr_jax import checkpoints
+from ivcr_jax.cli import UsageError
+from ivcr_jax.data.frames import VideoError
+from ivcr_jax.data.prompts import PromptLoader, clean_answer
+from ivcr_jax.data.samples import SampleTooLong, enumerate_samples
+from ivcr_jax.eval.metrics import evaluate_predictions, read_predictions
+from ivcr_jax.eval.report import publish
+from ivcr_jax.experiment import Experiment
+from ivcr_jax.models.generate import Generator
+from ivcr_jax.retrieval.search import Retriever
 
-# ------------------------------------------------------------------------------ config helpers ---
-
-def _get(node, dotted: str, default=None):
-    cur = node
-    for part in dotted.split("."):
-        try:
-            cur = cur[part]
-        except (KeyError, TypeError, AttributeError):
-            return default
-    return default if cur is None else cur
-
-
-def _parse_value(v: str):
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:
-        return v
-
-
-def load_eval_config(spec: str, overrides: Sequence[str] = ()):
-    """``configs/<file>.py[:arg]`` with ``KEY=VALUE`` overrides (values parsed as JSON when they can be)."""
-    from ivcr_jax.configs_loader import load_config
-
-    ov = {}
-    for item in overrides or ():
-        k, sep, v = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        v = _parse_value(v)
-        ov[k.strip()] = tuple(v) if isinstance(v, list) else v
-    return load_config(spec, ov)
-
-
-def video_root_for(annotations: str | Path, explicit: str | None, dialogues: Sequence = ()) -> str:
-    """Where the JSON's relative video paths live: ``explicit``, else the JSON's directory, or its
-    ``videos/`` subdirectory when that is where the first referenced video is (the demo corpus)."""
-    if explicit:
-        return str(explicit)
-    parent = Path(annotations).parent
-    sub = parent / "videos"
-    if sub.is_dir():
-        first = next((v for d in dialogues for t in d.turns for v in ((t.video_id,) + t.candidate_videos) if v), None)
-        if first is None or (sub / first).exists() or not (parent / first).exists():
-            return str(sub)
-    return str(parent)
-
-
-def pipeline_config(config, *, batch_size: int = 1, video_root: str | None = None):
-    """The input-pipeline config of ``config.data``, with the video-token layout of ``config.model``.
-
-    ``PipelineConfig.from_config`` assumes the paper's 32 tokens per window of 32 frames; the number
-    of placeholder positions per video must be what the model's video Q-Former produces
-    (``num_query_tokens`` per window, windows of ``stride`` frames), or the splice would gather
-    rows that do not exist (e.g. the tiny config: 8 queries). Same wiring as
-    ``ivcr_jax.train.data.pipeline_config``, so evaluation prompts match the training samples.
-    """
-    from ivcr_jax.data.pipeline import PipelineConfig
-
-    pc = PipelineConfig.from_config(config.data, batch_size=batch_size)
-    vq = _get(config, "model.video_qformer", None)
-    sample = pc.sample
-    if vq is not None:
-        window, stride = int(vq["window"]), int(vq["stride"])
-        frames_per_window = (stride if stride > 0 else window) if window > 0 else 1 << 30
-        sample = dataclasses.replace(sample, window=frames_per_window, tokens_per_window=int(vq["num_query_tokens"]))
-    if video_root:
-        sample = dataclasses.replace(sample, video_root=str(video_root))
-    return dataclasses.replace(pc, sample=sample)
-
-
-def clean_answer(text: str, tokenizer=None) -> str:
-    """A generated answer made safe to put back into a prompt as history: the strings of special
-    tokens (``<s>``, ``</s>``, ``<VIDEOTOKEN>``, ``<VID>`` ...) are removed, since the tokenizer would
-    read them as the special ids and the prompt would no longer parse."""
-    from ivcr_jax.tokenizer import SPECIAL_TOKENS
-
-    specials = set(SPECIAL_TOKENS) | {"<s>", "</s>", "<unk>"}
-    if tokenizer is not None:
-        specials |= {t for t in getattr(tokenizer, "all_special_tokens", ()) if t}
-    for t in sorted(specials, key=len, reverse=True):
-        text = text.replace(t, " ")
-    return " ".join(text.split())
-
-
-# ------------------------------------------------------------------------------ prompts → batches ---
-
-@dataclasses.dataclass
-class Prompt:
-    """An inference prompt with its decoded videos."""
-
-    sample: Any  # ivcr_jax.data.samples.Sample (labels all -100)
-    frames: dict  # (path, num_frames) -> frames.Frames
-
-
-def _slots(n: int, cap: int | None) -> int:
-    """Video slots for a group needing ``n``: 1, 2, then multiples of 10, clamped to the config cap."""
-    c = max(int(n), 1)
-    if c > 2:
-        c = 10 * math.ceil(c / 10)
-    return min(c, cap) if cap is not None and cap >= n else c
-
-
-class PromptLoader:
-    """Inference prompts (``samples.build_prompt``) with decoded frames, packed into the pipeline's
-    batch contract (``ivcr_jax.data.pipeline``).
-
-    ``video_slots="bucketed"`` (default) pads each video group to 1, 2 or a multiple of 10 slots
-    (clamped to the config's per-sample cap): a first-turn prompt does not encode the empty slots of
-    a long history, at the price of a few more compiled shapes. ``"cap"`` always pads to the cap,
-    as the training pipeline does: one shape per text bucket.
-
-    Decoded videos are kept in a small LRU cache: later turns of a dialogue show the earlier turns'
-    videos again. Frames are sampled uniformly (deterministic).
-    """
-
-    def __init__(self, pcfg, tokenizer, *, videos=None, cache_videos: int = 64, video_slots: str = "bucketed"):
-        from ivcr_jax.data.pipeline import RawVideos
-
-        if video_slots not in ("bucketed", "cap"):
-            raise ValueError(f"video_slots must be 'bucketed' or 'cap', got {video_slots!r}")
-        self.pcfg, self.tokenizer, self.video_slots = pcfg, tokenizer, video_slots
-        self.videos = videos or RawVideos(pcfg.frame_size, pcfg.decode_threads)
-        self.caps = pcfg.sample.group_capacity()
-        self._cache: collections.OrderedDict = collections.OrderedDict()
-        self._cache_size = int(cache_videos)
-        self._loads: dict = {}
-
-    def _frames(self, req):
-        key = (req.path, req.num_frames)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        f = self.videos.load(req, "uniform", None)
-        self._cache[key] = f
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return f
-
-    def prompt(self, dialogue, turn_idx: int, sample_id: int = 0) -> Prompt:
-        """Raises ``frames.VideoError`` (a video is missing or corrupt) or ``samples.SampleTooLong``."""
-        from ivcr_jax.data.samples import build_prompt, prefix_videos
-
-        decoded = {}
-        reqs = prefix_videos(dialogue, turn_idx, self.pcfg.sample)
-        for r in reqs:
-            decoded[(r.path, r.num_frames)] = self._frames(r)
-        timestamps = {r.turn: decoded[(r.path, r.num_frames)].timestamps for r in reqs if r.role == "moment"}
-        s = build_prompt(dialogue, turn_idx, self.tokenizer, self.pcfg.sample, timestamps=timestamps,
-                         sample_id=sample_id)
-        return Prompt(s, decoded)
-
-    def capacity(self, prompts: Sequence[Prompt]) -> dict[str, int]:
-        from ivcr_jax.data.pipeline import group_frames
-
-        need = collections.Counter()
-        for p in prompts:
-            for g, n in p.sample.group_counts().items():
-                need[g] = max(need[g], n)
-        caps = self.caps
-        if self.video_slots == "cap" and all(caps.get(g) is not None for g in group_frames(self.pcfg.sample)):
-            return {g: max(int(caps[g]), 1) for g in sorted(group_frames(self.pcfg.sample))}
-        return {g: _slots(need[g], caps.get(g)) for g in sorted(group_frames(self.pcfg.sample))}
-
-    def batch(self, prompts: Sequence[Prompt], batch_size: int | None = None) -> dict:
-        """Numpy batch of ``batch_size`` rows (default ``len(prompts)``; extra rows are padding)."""
-        from ivcr_jax.data.pipeline import _Batch, _Load
-
-        B = len(prompts) if batch_size is None else int(batch_size)
-        if not 0 < len(prompts) <= B:
-            raise ValueError(f"{len(prompts)} prompts for a batch of {B}")
-        cap = self.capacity(prompts)
-        key = tuple(sorted(cap.items()))
-        if key not in self._loads:
-            self._loads[key] = _Load(self.pcfg, self.tokenizer, cap, False, 0, self.videos)
-        load = self._loads[key]
-        rows = [load.pack(p.sample, p.frames) for p in prompts]
-        return _Batch(dataclasses.replace(self.pcfg, batch_size=B), cap)(rows)
-
-
-# ------------------------------------------------------------------------------ model ---
-
-def build_and_load(config, checkpoint: str | None, *, mesh=None):
-    """Build the model of ``config`` (sharded over ``mesh`` when given) and load ``checkpoint``."""
-    from ivcr_jax import sharding
-    from ivcr_jax.eval.restore import load_weights
-    from ivcr_jax.models import build
-
-    cfg = build.model_config(config.model)
-    if mesh is None:
-        model = build.build_model(cfg, seed=int(config.seed))
-        what = load_weights(model, checkpoint, config)
-    else:
-        with sharding.use_mesh(mesh):
-            model = build.build_model(cfg, mesh=mesh, seed=int(config.seed))
-            what = load_weights(model, checkpoint, config)
-    return model, what
-
-
-def _retriever(args):
-    index = getattr(args, "index", None)
-    if not index:
-        return None
-    try:
-        from ivcr_jax.retrieval.search import Retriever
-    except ImportError as e:  # the retrieval package is optional here
-        print(f"warning: --index given but the retriever is unavailable ({e}); retrieval time is recorded as 0",
-              file=sys.stderr)
-        return None
-    return Retriever.load(index, getattr(args, "retriever_model", None))
+__all__ = ["evaluate_model", "run"]
 
 
 # ------------------------------------------------------------------------------ the run ---
@@ -282,27 +82,24 @@ def _with_history(dialogue, turn_idx: int, answers: Mapping[tuple[int, int], str
     return dataclasses.replace(dialogue, turns=tuple(turns))
 
 
-def run(config, model, tokenizer, dialogues: Sequence, *, out_dir: str | Path, history: str = "teacher",
-        max_samples: int | None = None, batch_size: int = 1, max_new_tokens: int = 512,
-        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, video_root: str | None = None,
-        retriever=None, mesh=None, video_slots: str = "bucketed", log=print) -> dict:
-    """Generate an answer for every sample of ``dialogues``; write ``predictions.jsonl``.
+def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str | Path, history: str = "teacher",
+        max_samples: int | None = None, video_root: str | None = None, retriever=None, mesh=None,
+        log=print) -> dict:
+    """Generate an answer for every sample of ``dialogues`` (``exp.eval``: batch size, budget,
+    decoding, video slots); write ``predictions.jsonl``.
 
     Returns ``{"predictions": path, "records": [...], "skipped": [...], "generation": {...}}``.
     """
-    import jax
-
-    from ivcr_jax.data.frames import VideoError
-    from ivcr_jax.data.samples import SampleTooLong, enumerate_samples
-    from ivcr_jax.eval.generate import Generator
-
     if history not in ("teacher", "model"):
         raise ValueError(f"history must be 'teacher' or 'model', got {history!r}")
-    pcfg = pipeline_config(config, batch_size=batch_size, video_root=video_root)
+    ec = exp.eval
+    batch_size, max_new_tokens = int(ec.batch_size), int(ec.max_new_tokens)
+    temperature, top_p, seed = float(ec.temperature), float(ec.top_p), exp.seed
+    pcfg = exp.pipeline(batch_size, video_root=video_root)
     refs = enumerate_samples(dialogues, pcfg.sample)
     if max_samples is not None:
         refs = refs[: int(max_samples)]
-    loader = PromptLoader(pcfg, tokenizer, video_slots=video_slots)
+    loader = PromptLoader(pcfg, tokenizer, video_slots=ec.video_slots)
     gen = Generator(model, max_new_tokens=max_new_tokens, buckets=pcfg.buckets, mesh=mesh)
     key = jax.random.key(int(seed))
     out_dir = Path(out_dir)
@@ -369,76 +166,39 @@ def run(config, model, tokenizer, dialogues: Sequence, *, out_dir: str | Path, h
     return {"predictions": pred_path, "records": records, "skipped": skipped, "generation": generation}
 
 
-def main(args, *, model=None, tokenizer=None) -> int:
-    """The model-driven mode of ``python -m ivcr_jax.eval`` (``args`` from its parser).
+def evaluate_model(exp: Experiment, args, *, model=None, tokenizer=None) -> int:
+    """The model-driven mode of ``python -m ivcr_jax.eval`` (``args``: its parsed flags).
 
-    ``model`` / ``tokenizer`` may be passed in (notebooks, tests); otherwise they are built from
-    ``--config`` and loaded from ``--checkpoint``.
+    ``model`` / ``tokenizer`` may be passed in (notebooks, tests); otherwise the model is built from
+    the experiment and ``--checkpoint`` loaded over it.
     """
-    from ivcr_jax.data.schema import load_dialogues
-    from ivcr_jax.eval.metrics import evaluate_predictions, read_predictions
-    from ivcr_jax.eval.report import format_table, write_report
-    from ivcr_jax.train import data as data_lib
-
-    if not getattr(args, "config", None):
-        print("error: the model-driven mode needs --config (or score a file with --predictions)", file=sys.stderr)
-        return 2
-    config = load_eval_config(args.config, getattr(args, "set", None) or ())
-    annotations = getattr(args, "annotations", None) or _get(config, "data.annotations", "")
-    if not annotations or not Path(annotations).is_file():
-        print(f"error: annotations {annotations or '(none)'}: no such file (give --annotations or "
-              f"config.data.annotations)", file=sys.stderr)
-        return 2
-    checkpoint = getattr(args, "checkpoint", None)
-    if checkpoint is not None and not Path(checkpoint).exists():
-        print(f"error: --checkpoint {checkpoint}: no such directory", file=sys.stderr)
-        return 2
-    split, lang = getattr(args, "split", "test"), getattr(args, "lang", "en")
-    exclude = tuple(tuple(t) for t in _get(config, "data.exclude_types", ((0,),)))
-    dialogues, load_report = load_dialogues(annotations, split=split, lang=lang, exclude_types=exclude)
+    annotations = args.annotations or exp.data.annotations
+    dialogues, load_report = exp.dialogues(args.split, annotations=annotations)
     if not dialogues:
-        print(f"error: no dialogues of split {split!r} in {annotations}\n{load_report.summary()}", file=sys.stderr)
-        return 2
-    out = getattr(args, "out", None)
-    if not out:
-        out = (Path(checkpoint) / f"eval_{split}" if checkpoint and not Path(checkpoint, "ivcr_meta.json").is_file()
-               else Path(f"eval_{split}"))
-    out = Path(out)
-
-    mesh = None
-    if getattr(args, "mesh", False):
-        from ivcr_jax import sharding
-
-        mesh = sharding.make_mesh(config.mesh)
+        raise UsageError(f"no dialogues of split {args.split!r} in {annotations}\n{load_report.summary()}")
+    out = Path(args.out or checkpoints.default_eval_dir(args.checkpoint, args.split))
+    mesh = exp.mesh() if args.mesh else None
     what = "model passed in by the caller"
     if model is None:
         t0 = time.perf_counter()
-        model, what = build_and_load(config, checkpoint, mesh=mesh)
+        model, what = exp.load_model(args.checkpoint, mesh)
         print(f"model built and loaded in {time.perf_counter() - t0:.1f}s: {what}")
-    if tokenizer is None:
-        tokenizer = data_lib.tokenizer(config)
-    max_new = getattr(args, "max_new_tokens", None) or int(_get(config, "eval.max_new_tokens", 512))
-    seed = getattr(args, "seed", None)
-    seed = int(config.seed) if seed is None else int(seed)
-    root = video_root_for(annotations, getattr(args, "video_root", None) or _get(config, "data.video_root", ""),
-                          dialogues)
-    result = run(config, model, tokenizer, dialogues, out_dir=out, history=getattr(args, "history", "teacher"),
-                 max_samples=getattr(args, "max_samples", None), batch_size=int(getattr(args, "batch_size", 1) or 1),
-                 max_new_tokens=int(max_new), temperature=float(getattr(args, "temperature", 0.0) or 0.0),
-                 top_p=float(getattr(args, "top_p", 1.0) or 1.0), seed=seed, video_root=root,
-                 retriever=_retriever(args), mesh=mesh, video_slots=getattr(args, "video_slots", None) or "bucketed")
+    tokenizer = tokenizer or exp.tokenizer
+    root = exp.video_root(dialogues, annotations)
+    retriever = Retriever.load(args.index, args.retriever_model) if args.index else None
+    result = run(exp, model, tokenizer, dialogues, out_dir=out, history=args.history, max_samples=args.max_samples,
+                 video_root=root, retriever=retriever, mesh=mesh)
 
-    preds, timings, stats = read_predictions(result["predictions"])
+    preds, timings, _ = read_predictions(result["predictions"])
     answered_dialogues = {r["dialogue_id"] for r in result["records"]}
     subset = [d for d in dialogues if d.id in answered_dialogues]
-    results = evaluate_predictions(subset or dialogues, preds, all_test_turns=dialogues,
-                                   history=getattr(args, "history", "teacher"), match="text_id", lang=lang,
-                                   max_turn=int(getattr(args, "max_turn", 7) or 7))
+    results = evaluate_predictions(subset or dialogues, preds, all_test_turns=dialogues, history=args.history,
+                                   match="text_id", lang=exp.data.lang, max_turn=args.max_turn)
     gen = result["generation"]
     results["generation"] = gen
     results["input"] = {
-        "config": args.config, "checkpoint": str(checkpoint), "weights": what, "annotations": str(annotations),
-        "split": split, "video_root": root, "annotation_records_skipped_as_malformed": load_report.num_skipped,
+        "config": args.config, "checkpoint": str(args.checkpoint), "weights": what, "annotations": str(annotations),
+        "split": args.split, "video_root": root, "annotation_records_skipped_as_malformed": load_report.num_skipped,
         "predictions_file": str(result["predictions"]), "samples": gen["samples"], "answered": gen["answered"],
         "samples_skipped (missing video / too long)": gen["skipped"],
         "decoding": f"{gen['decoding']}, max_new_tokens {gen['max_new_tokens']}, frames uniform",
@@ -447,13 +207,5 @@ def main(args, *, model=None, tokenizer=None) -> int:
     }
     if result["skipped"]:
         results["input"]["skipped examples"] = [s["error"] for s in result["skipped"][:5]]
-    paths = write_report(results, out, timings=timings, charts=not getattr(args, "no_charts", False))
-    print(format_table(results, timings))
-    print()
-    print(f"predictions: {result['predictions']}")
-    print(f"metrics: {paths['metrics']}")
-    print(f"report:  {paths['report']}")
-    pngs = [str(v) for k, v in paths.items() if v.suffix == ".png"]
-    if pngs:
-        print("charts:  " + ", ".join(pngs))
+    publish(results, out, timings=timings, charts=not args.no_charts, predictions=result["predictions"])
     return 0

@@ -1,13 +1,13 @@
-"""Create an InterLLaVA from a config node, sharded on a mesh, and load converted weights.
+"""Create an InterLLaVA from a config node, sharded on a mesh.
 
 The model is created abstractly (``nnx.eval_shape``), each variable's ``NamedSharding`` is
 derived from its logical axis names (``ivcr_jax/sharding.py``), and the real initialisation
 runs under ``jax.jit`` with those output shardings, so a 7B model is never materialised whole
-on one host or device.
+on one host or device. Loading converted weights into it is ``ivcr_jax.convert.store.load_into``
+(``ivcr_jax.models`` knows nothing of checkpoint formats).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -40,10 +40,3 @@ def build_model(cfg: InterLLaVAConfig, *, mesh=None, seed: int = 0) -> InterLLaV
     else:
         state = jax.jit(init, out_shardings=sharding.state_shardings(abstract_state, mesh))()
     return nnx.merge(gdef, state)
-
-
-def load_converted(model: InterLLaVA, directory: str | Path, *, allow_missing=()) -> InterLLaVA:
-    """Load a checkpoint written by ``python -m ivcr_jax.convert`` into ``model`` in place."""
-    from ivcr_jax.convert.store import load_into
-
-    return load_into(model, directory, allow_missing=allow_missing)

@@ -13,7 +13,8 @@ checkpoint) or HF's ``post_layernorm`` (eps = ``layer_norm_eps``, 1e-6). ``__cal
 hidden states before it by default (HF ``hidden_states[-1]``) and after it with
 ``apply_post_norm=True`` (HF ``last_hidden_state``, LAVIS ``ln_vision(visual_encoder(x))``).
 
-Weight conversion lives in ``ivcr_jax/convert/eva_vit.py``.
+The module knows nothing of checkpoint formats: HF and LAVIS weights are loaded by
+``ivcr_jax.convert.eva_vit.from_hf`` / ``from_lavis``.
 """
 from __future__ import annotations
 
@@ -259,25 +260,3 @@ class EvaViT(nnx.Module):
         if apply_post_norm:
             x = self.post_norm(x)
         return x
-
-    @classmethod
-    def from_hf(cls, path, *, dtype=jnp.float32, param_dtype=jnp.float32) -> "EvaViT":
-        """Load from an HF ``Blip2VisionModel`` / ``InstructBlipVisionModel`` (or full model) dir."""
-        from ivcr_jax.convert.eva_vit import from_hf
-
-        return from_hf(path, dtype=dtype, param_dtype=param_dtype)
-
-    @classmethod
-    def from_lavis(cls, vit_path, ln_vision=None, *, config: EvaViTConfig = EvaViTConfig(),
-                   dtype=jnp.float32, param_dtype=jnp.float32,
-                   allow_missing_post_norm: bool = False) -> "EvaViT":
-        """Load LAVIS ``eva_vit_g.pth`` plus ``ln_vision`` from a second checkpoint."""
-        from ivcr_jax.convert.eva_vit import from_lavis
-
-        return from_lavis(vit_path, ln_vision, config=config, dtype=dtype, param_dtype=param_dtype,
-                          allow_missing_post_norm=allow_missing_post_norm)
-
-
-def from_hf(path, **kwargs) -> EvaViT:
-    """Module-level entry point mirroring HF's `from_pretrained`: see :meth:`EvaViT.from_hf`."""
-    return EvaViT.from_hf(path, **kwargs)

@@ -12,13 +12,13 @@ Follows reference-architecture §6 (LLaMA-2-7B config and HF layout) and §3 (Lo
   ``lax.dynamic_update_slice`` — jit-friendly, no Python-side state.
 
 Parameter paths mirror the HF names (``layers/3/self_attn/q_proj/kernel``), which keeps the
-converter (``ivcr_jax/convert/llama.py``) and trainable-parameter regexes simple.
+converter (``ivcr_jax/convert/llama.py``) and trainable-parameter regexes simple. The module knows
+nothing of checkpoint formats: HF directories are loaded by ``ivcr_jax.convert.llama.from_hf``.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Mapping, NamedTuple
 
 import flax.struct
@@ -263,17 +263,6 @@ class Llama(nnx.Module):
 
     # ------------------------------------------------------------------ public helpers
 
-    @classmethod
-    def from_hf(cls, path: str | os.PathLike, *, lora: LoRAConfig | None = None, dtype=jnp.bfloat16,
-                param_dtype=jnp.bfloat16, lora_param_dtype=jnp.float32, extra_vocab: int = 0,
-                seed: int = 0, **config_overrides) -> "Llama":
-        """Load an HF ``LlamaForCausalLM`` directory (see :func:`ivcr_jax.convert.llama.load_llama`)."""
-        from ivcr_jax.convert.llama import load_llama
-
-        return load_llama(path, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                          lora_param_dtype=lora_param_dtype, extra_vocab=extra_vocab, seed=seed,
-                          **config_overrides)
-
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings ``[B, S, D]`` in the compute dtype."""
         return self.embed_tokens(input_ids)
@@ -410,8 +399,3 @@ def _check_room(cache: KVCache, n: int) -> None:
         return
     if index + n > cache.max_len:
         raise ValueError(f"KV cache full: {index} + {n} tokens > max_len {cache.max_len}")
-
-
-def from_hf(path, **kwargs) -> Llama:
-    """Module-level entry point mirroring HF's `from_pretrained`: see :meth:`Llama.from_hf`."""
-    return Llama.from_hf(path, **kwargs)

@@ -20,6 +20,9 @@ is never clipped to a valid row: eager calls raise, traced calls produce NaN row
 
 The same classes, with ``has_text=False`` and ``cross_attention_freq=1``, form the query-only BERT
 inside the video Q-Former (``video_qformer.py``).
+
+The module knows nothing of checkpoint formats: HF and LAVIS weights are loaded by
+``ivcr_jax.convert.qformer.from_hf`` / ``from_lavis``.
 """
 from __future__ import annotations
 
@@ -303,22 +306,3 @@ class QFormer(nnx.Module):
             x = layer(x, self_mask, encoder_hidden_states, cross_mask, nq, r)
             x = sharding.constrain(x, ("batch", "length", "embed"))
         return x
-
-    @classmethod
-    def from_hf(cls, path, *, dtype=jnp.float32, param_dtype=jnp.float32) -> "QFormer":
-        """Load an HF ``InstructBlipQFormerModel`` / ``Blip2QFormerModel`` directory, or the Q-Former
-        (with its ``query_tokens``) of a full InstructBLIP / BLIP-2 directory."""
-        from ivcr_jax.convert.qformer import load_qformer_hf
-        return load_qformer_hf(path, dtype=dtype, param_dtype=param_dtype)
-
-    @classmethod
-    def from_lavis(cls, path, config: QFormerConfig | None = None, *, dtype=jnp.float32,
-                   param_dtype=jnp.float32) -> "QFormer":
-        """Load ``Qformer.*`` + ``query_tokens`` of a LAVIS / TimeChat / IVCR ``.pth`` file."""
-        from ivcr_jax.convert.qformer import load_qformer_lavis
-        return load_qformer_lavis(path, config, dtype=dtype, param_dtype=param_dtype)
-
-
-def from_hf(path, **kwargs) -> QFormer:
-    """Module-level entry point mirroring HF's `from_pretrained`: see :meth:`QFormer.from_hf`."""
-    return QFormer.from_hf(path, **kwargs)

@@ -19,6 +19,8 @@ Reference quirk (§2, quirk 2): TimeChat cross-attends to every kept timestamp-t
 padded ones included, up to the longest timestamp text of the video. ``token_mask`` lets the
 caller choose: all True up to that length reproduces the reference; masking the padded text
 positions turns the quirk off.
+
+TimeChat / Video-LLaMA / IVCR weights are loaded by ``ivcr_jax.convert.qformer.video_from_lavis``.
 """
 from __future__ import annotations
 
@@ -148,11 +150,3 @@ class VideoQFormer(nnx.Module):
         queries = jnp.broadcast_to(self.video_query_tokens[...], (b * n,) + self.video_query_tokens[...].shape[1:])
         out = self.bert(query_embeds=queries, encoder_hidden_states=xw, encoder_attention_mask=kw, rng=rng)
         return out.reshape(b, n * cfg.num_query_tokens, cfg.hidden)
-
-    @classmethod
-    def from_lavis(cls, path, config: VideoQFormerConfig | None = None, *, dtype=jnp.float32,
-                   param_dtype=jnp.float32) -> "VideoQFormer":
-        """Load ``video_Qformer.*``, ``video_query_tokens`` and ``video_frame_position_embedding``
-        from a TimeChat / Video-LLaMA / IVCR ``.pth`` (frame table nearest-resized to the config)."""
-        from ivcr_jax.convert.qformer import load_video_qformer_lavis
-        return load_video_qformer_lavis(path, config, dtype=dtype, param_dtype=param_dtype)

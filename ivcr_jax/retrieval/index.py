@@ -19,6 +19,7 @@ stored. Unreadable videos are skipped, counted and listed (with the error) in th
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -30,11 +31,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ivcr_jax.retrieval.features import FeatureExtractor, extractor_from_spec, l2n
+from ivcr_jax import cli
+from ivcr_jax.data.frames import VIDEO_EXTS, VideoError, load_frames
+from ivcr_jax.data.schema import resolve_video_root
+from ivcr_jax.retrieval.features import Blip2Extractor, FeatureExtractor, extractor_from_spec, l2n
 
 FORMAT = "ivcr_jax.video_index"
 VERSION = 1
-VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
 
 
 class VideoIndexError(RuntimeError):
@@ -44,9 +47,9 @@ class VideoIndexError(RuntimeError):
 # ----------------------------------------------------------------------------- the corpus
 
 def video_root(corpus: str | os.PathLike) -> Path:
-    """Video ids are paths relative to this directory (``<source>/<name>.<ext>`` in IVCR)."""
-    corpus = Path(corpus)
-    return corpus / "videos" if (corpus / "videos").is_dir() else corpus
+    """Video ids are paths relative to this directory (``<source>/<name>.<ext>`` in IVCR): the one
+    rule of ``data.schema.resolve_video_root`` for the corpus's ``ivcr.json``."""
+    return Path(resolve_video_root(Path(corpus) / "ivcr.json"))
 
 
 def list_corpus(corpus: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -116,16 +119,10 @@ def _write_manifest(out: Path, manifest: dict) -> None:
 
 
 def _default_loader(path: Path, num_frames: int, size: int) -> np.ndarray:
-    from ivcr_jax.data.frames import load_frames
     return load_frames(path, num_frames, mode="uniform", size=size).pixels
 
 
-def _loader_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from ivcr_jax.data.frames import VideoError
-        return (VideoError, OSError)
-    except ImportError:  # pragma: no cover
-        return (OSError,)
+_LOADER_ERRORS: tuple[type[BaseException], ...] = (VideoError, OSError)
 
 
 def build_index(corpus: str | os.PathLike | Sequence[tuple[str, str | os.PathLike]], out: str | os.PathLike,
@@ -147,7 +144,7 @@ def build_index(corpus: str | os.PathLike | Sequence[tuple[str, str | os.PathLik
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     loader = frame_loader or _default_loader
-    skip_errors = _loader_errors()
+    skip_errors = _LOADER_ERRORS
     log = log or (lambda s: None)
     num_frames, size = int(extractor.num_frames), int(extractor.frame_size)
     header = {
@@ -335,7 +332,6 @@ def make_extractor(config: Any | None, blip2: str | None) -> FeatureExtractor:
     idx = config.index if config is not None and "index" in config else None
     num_frames = int(idx.num_frames) if idx is not None else 12
     if blip2:
-        from ivcr_jax.retrieval.features import Blip2Extractor
         query_pool = str(idx.query_pool) if idx is not None and "query_pool" in idx else "mean"
         dtype = str(idx.compute_dtype) if idx is not None and "compute_dtype" in idx else "float32"
         return Blip2Extractor.from_pretrained(blip2, num_frames=num_frames, query_pool=query_pool,
@@ -343,35 +339,31 @@ def make_extractor(config: Any | None, blip2: str | None) -> FeatureExtractor:
     if idx is not None and "extractor" in idx:
         spec = dict(idx.extractor)
         if spec.get("kind") == "blip2" and not spec.get("path"):
-            raise SystemExit("the config asks for BLIP-2 features: pass --blip2 DIR")
+            raise cli.UsageError("the config asks for BLIP-2 features: pass --blip2 DIR")
         return extractor_from_spec(spec)
-    raise SystemExit("no feature extractor: pass --blip2 DIR (a Blip2ForImageTextRetrieval directory) "
-                     "or a --config whose index.extractor names one")
+    raise cli.UsageError("no feature extractor: pass --blip2 DIR (a Blip2ForImageTextRetrieval directory) "
+                         "or a --config whose index.extractor names one")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
+    """``python -m ivcr_jax.retrieval.index --corpus DIR --out INDEX [--config configs/xpool.py] [--blip2 DIR]``."""
     p = argparse.ArgumentParser(prog="python -m ivcr_jax.retrieval.index", description=__doc__.split("\n")[0])
     p.add_argument("--corpus", required=True, help="corpus directory (videos/ and optional videos.json)")
     p.add_argument("--out", required=True, help="index directory (created; resumed if it exists)")
-    p.add_argument("--config", default=None, help="configs/xpool.py[:variant]")
     p.add_argument("--blip2", default=None, help="HF Blip2ForImageTextRetrieval directory for BLIP-2 ITC features")
-    p.add_argument("--shard-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=2, help="decoder threads")
-    args = p.parse_args(argv)
-    from ivcr_jax.configs_loader import load_config
-    config = load_config(args.config) if args.config else None
-    extractor = make_extractor(config, args.blip2)
-    idx = config.index if config is not None else None
-    shard = args.shard_size or (int(idx.shard_size) if idx is not None else 256)
-    dtype = str(idx.dtype) if idx is not None else "float16"
-    manifest = build_index(args.corpus, args.out, extractor, shard_size=shard, dtype=dtype,
-                           workers=args.workers)
-    if manifest["num_skipped"]:
-        print(f"[index] skipped {manifest['num_skipped']} unreadable videos:", file=sys.stderr)
-        for s in manifest["skipped"][:20]:
-            print(f"  {s['id']}: {s['error']}", file=sys.stderr)
-    return 0
+
+    def body() -> int:
+        config, args = cli.parse(argv, p, default_config="configs/xpool.py")
+        extractor = make_extractor(config, args.blip2)
+        manifest = build_index(args.corpus, args.out, extractor, shard_size=int(config.index.shard_size),
+                               dtype=str(config.index.dtype), workers=args.workers)
+        if manifest["num_skipped"]:
+            print(f"[index] skipped {manifest['num_skipped']} unreadable videos:", file=sys.stderr)
+            for s in manifest["skipped"][:20]:
+                print(f"  {s['id']}: {s['error']}", file=sys.stderr)
+        return 0
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ IVCR-format JSON (reference-architecture.md §0 step 1, §8.2); :class:`Retrieve
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -30,10 +31,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ivcr_jax import sharding
+from ivcr_jax import cli, sharding
+from ivcr_jax.data.schema import RETRIEVAL, load_dialogues
+from ivcr_jax.models.xpool import XPool, load_xpool
 from ivcr_jax.retrieval.index import VideoIndex
 from ivcr_jax.retrieval.metrics import compute_metrics, ranks_from_lists
-from ivcr_jax.retrieval.xpool import XPool
 
 _PRECISION = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
 
@@ -197,7 +199,6 @@ class Retriever:
     def load(cls, index_dir: str | os.PathLike, model_path: str | os.PathLike | None = None, *,
              rerank_k: int = 100, extractor_overrides: dict | None = None, **kw) -> "Retriever":
         """An index directory plus an exported X-Pool (``train.py`` writes ``xpool.safetensors``)."""
-        from ivcr_jax.retrieval.train import load_xpool
         index = VideoIndex.load(index_dir)
         model = load_xpool(model_path) if model_path else None
         extractor = index.extractor(**(extractor_overrides or {}))
@@ -232,23 +233,21 @@ class Retriever:
 
 # ----------------------------------------------------------------------------- IVCR candidate lists
 
-def retrieval_turns(data: list[dict]) -> list[tuple[int, int, str, str | None]]:
-    """``(dialogue, turn, question, gt_video_id)`` for every retrieval turn of an IVCR JSON.
+def retrieval_turns(annotations: str | os.PathLike, *, split: str | None = None,
+                    exclude_types: tuple[tuple[int, ...], ...] = ()) -> list[tuple[int, int, str, str | None]]:
+    """``(record, message, question, gt_video_id)`` for every retrieval turn of an IVCR JSON.
 
-    A retrieval turn is an assistant (``"gpt"``) turn with ``gt_se == [-1, -1]`` (§8.2); its query
-    is the text of the human turn before it.
+    The file is read by :func:`ivcr_jax.data.schema.load_dialogues` (the one reader of the
+    format): a retrieval turn is a turn of kind ``"retrieval"`` (``gt_se == [-1, -1]``, §8.2), its
+    query the human question of that turn. ``record`` is the position of the dialogue in the JSON
+    list and ``message`` the position of the assistant message in its ``conversations`` (the schema
+    pairs messages as human ``2 i``, assistant ``2 i + 1`` for turn ``i``). Candidate lists are not
+    required (they are what :func:`write_candidates` fills in); records the schema rejects as
+    malformed are skipped, as everywhere else.
     """
-    out = []
-    for di, dlg in enumerate(data):
-        conv = dlg.get("conversations", [])
-        for ti, turn in enumerate(conv):
-            if turn.get("from") != "gpt" or list(turn.get("gt_se", [])) != [-1, -1]:
-                continue
-            human = next((conv[j] for j in range(ti - 1, -1, -1) if conv[j].get("from") == "human"), None)
-            if human is None:
-                continue
-            out.append((di, ti, str(human.get("value", "")), turn.get("video_id")))
-    return out
+    dialogues, _ = load_dialogues(annotations, split=split, exclude_types=exclude_types, num_candidates=None)
+    return [(d.index, 2 * t.index + 1, t.question, t.video_id)
+            for d in dialogues for t in d.turns if t.kind == RETRIEVAL]
 
 
 def write_candidates(annotations_in: str | os.PathLike, index: VideoIndex | str | os.PathLike,
@@ -256,16 +255,15 @@ def write_candidates(annotations_in: str | os.PathLike, index: VideoIndex | str 
                      encode_text: Callable[[Sequence[str]], np.ndarray] | None = None,
                      rerank_k: int = 100, batch: int = 64, retriever: Retriever | None = None) -> dict:
     """Write the top-``k`` of every retrieval turn as its ``candidate_videos`` (ids relative to the
-    video root, as in IVCR-200K). Everything else in the JSON is kept. Returns recall statistics of
-    the ground-truth ``video_id`` in the written lists (X-Pool-style R@k, in percent)."""
+    video root, as in IVCR-200K). The retrieval turns are those of :func:`retrieval_turns`;
+    everything else in the JSON is kept. Returns recall statistics of the ground-truth
+    ``video_id`` in the written lists (X-Pool-style R@k, in percent)."""
     if retriever is None:
         if not isinstance(index, VideoIndex):
             index = VideoIndex.load(index)
         retriever = Retriever(index, model, encode_text=encode_text, rerank_k=rerank_k)
-    data = json.loads(Path(annotations_in).read_text())
-    if isinstance(data, dict):
-        raise ValueError(f"{annotations_in}: expected a list of dialogues (IVCR-200K format)")
-    turns = retrieval_turns(data)
+    turns = retrieval_turns(annotations_in)               # which turns, their questions: the schema
+    data = json.loads(Path(annotations_in).read_text())   # the raw records, to write back
     ranked: list[list[str]] = []
     for b0 in range(0, len(turns), batch):
         ids, _ = retriever.search([t[2] for t in turns[b0:b0 + batch]], k)
@@ -288,8 +286,10 @@ def write_candidates(annotations_in: str | os.PathLike, index: VideoIndex | str 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ivcr_jax.retrieval.search --index INDEX [--model WORKDIR] --annotations IN --out OUT``."""
-    import argparse
+    """``python -m ivcr_jax.retrieval.search --index INDEX [--model WORKDIR] --annotations IN --out OUT``.
+
+    ``config.search.top_k`` candidates are written, re-ranked from the first stage's ``rerank_k``.
+    """
     p = argparse.ArgumentParser(prog="python -m ivcr_jax.retrieval.search",
                                 description="Write X-Pool top-k candidate_videos into an IVCR-format JSON.")
     p.add_argument("--index", required=True, help="index directory (retrieval/index.py)")
@@ -297,15 +297,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "omitted = first stage only (mean-pooled features)")
     p.add_argument("--annotations", required=True, help="IVCR-format JSON to read")
     p.add_argument("--out", required=True, help="IVCR-format JSON to write")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--rerank-k", type=int, default=100)
     p.add_argument("--blip2", default=None, help="BLIP-2 directory, if it moved since the index was built")
-    args = p.parse_args(argv)
-    ret = Retriever.load(args.index, args.model, rerank_k=args.rerank_k,
-                         extractor_overrides={"path": args.blip2} if args.blip2 else None)
-    stats = write_candidates(args.annotations, None, None, args.out, args.k, retriever=ret)
-    print(json.dumps(stats))
-    return 0
+
+    def body() -> int:
+        config, args = cli.parse(argv, p, default_config="configs/xpool.py")
+        ret = Retriever.load(args.index, args.model, rerank_k=int(config.search.rerank_k),
+                             extractor_overrides={"path": args.blip2} if args.blip2 else None)
+        stats = write_candidates(args.annotations, None, None, args.out, int(config.search.top_k), retriever=ret)
+        print(json.dumps(stats))
+        return 0
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ here (cached features), so only the pooling block and the logit scale train.
 
 Outputs in ``workdir``: ``checkpoints/`` (Orbax: model, optimizer, step and the Grain iterator —
 a restarted run resumes where it stopped), ``metrics.jsonl``, and at the end ``xpool.safetensors``
-+ ``xpool_config.json`` (what :class:`ivcr_jax.retrieval.search.Retriever` loads).
++ ``xpool_config.json`` (``ivcr_jax.models.xpool.save_xpool``; what
+:class:`ivcr_jax.retrieval.search.Retriever` loads).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -30,26 +32,27 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ivcr_jax.models.xpool import XPool, XPoolConfig, clamp_logit_scale, infonce, save_xpool, similarity_matrix
+from ivcr_jax import cli
 from ivcr_jax.retrieval import metrics as metrics_lib
 from ivcr_jax.retrieval.index import VideoIndex
 from ivcr_jax.retrieval.search import Retriever, retrieval_turns
-from ivcr_jax.retrieval.xpool import XPool, XPoolConfig, clamp_logit_scale, infonce, similarity_matrix
 
 
 # ----------------------------------------------------------------------------- data
 
-def retrieval_pairs(annotations: str | os.PathLike | list, index: VideoIndex, split: str | None
+def retrieval_pairs(annotations: str | os.PathLike, index: VideoIndex, split: str | None
                     ) -> tuple[list[str], np.ndarray]:
     """(questions, index rows of their ground-truth videos) of the retrieval turns of ``split``.
 
-    Dialogues of type ``[0]`` (chit-chat) are excluded as everywhere in the reference; turns whose
-    video is not in the index (e.g. skipped as unreadable) are dropped.
+    The JSON is read by ``ivcr_jax.data.schema.load_dialogues`` (through
+    :func:`~ivcr_jax.retrieval.search.retrieval_turns`). Dialogues of type ``[0]`` (chit-chat) are
+    excluded as everywhere in the reference; turns whose video is not in the index (e.g. skipped as
+    unreadable) are dropped.
     """
-    data = annotations if isinstance(annotations, list) else json.loads(Path(annotations).read_text())
-    data = [d for d in data if (split is None or d.get("split") == split) and list(d.get("type", [])) != [0]]
     pos = index.position()
     texts, rows = [], []
-    for _, _, question, vid in retrieval_turns(data):
+    for _, _, question, vid in retrieval_turns(annotations, split=split, exclude_types=((0,),)):
         if vid in pos:
             texts.append(question)
             rows.append(pos[vid])
@@ -126,34 +129,6 @@ def train_step(model: XPool, opt: nnx.Optimizer, batch: dict, rng: jax.Array, ma
     opt.update(model, grads)
     clamp_logit_scale(model)          # torch.clamp_(logit_scale, max=ln 100) after the step
     return {"loss": loss, "grad_norm": optax.global_norm(grads), "logit_scale": model.logit_scale[...]}
-
-
-# ----------------------------------------------------------------------------- export / import
-
-def save_xpool(model: XPool, directory: str | os.PathLike) -> Path:
-    """``xpool.safetensors`` (flat ``a/b/c`` keys) + ``xpool_config.json``."""
-    from safetensors.numpy import save_file
-    from ivcr_jax.models.params import flat_state
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    flat = {k: np.asarray(v[...], np.float32) for k, v in flat_state(model).items()}
-    save_file(flat, str(d / "xpool.safetensors"))
-    (d / "xpool_config.json").write_text(json.dumps(dataclasses.asdict(model.config), indent=1) + "\n")
-    return d / "xpool.safetensors"
-
-
-def load_xpool(path: str | os.PathLike) -> XPool:
-    """Load :func:`save_xpool`'s output (the file or its directory)."""
-    from ivcr_jax.convert.common import read_safetensors
-    from ivcr_jax.models.params import CheckpointError, load_flat
-    p = Path(path)
-    f = p / "xpool.safetensors" if p.is_dir() else p
-    cfg_file = f.parent / "xpool_config.json"
-    if not f.is_file() or not cfg_file.is_file():
-        raise CheckpointError(f"{p}: expected xpool.safetensors and xpool_config.json")
-    model = XPool(XPoolConfig(**json.loads(cfg_file.read_text())), rngs=None)
-    load_flat(model, dict(read_safetensors(f)), source=str(f))
-    return model
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -279,26 +254,17 @@ def _eval_and_log(model, index, annotations, encode, config, step, mlog, log) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-    from ivcr_jax.configs_loader import load_config
+    """``python -m ivcr_jax.retrieval.train [--config configs/xpool.py[:tiny]] --index I --annotations A --workdir W``."""
     p = argparse.ArgumentParser(prog="python -m ivcr_jax.retrieval.train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/xpool.py", help="configs/xpool.py[:tiny]")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", required=True, help="index directory (python -m ivcr_jax.retrieval.index)")
     p.add_argument("--annotations", required=True, help="IVCR-format JSON")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. --set train.lr=3e-5 (repeatable)")
-    args = p.parse_args(argv)
-    overrides = {}
-    for kv in args.set:
-        k, _, v = kv.partition("=")
-        try:
-            overrides[k] = json.loads(v)
-        except ValueError:
-            overrides[k] = v
-    config = load_config(args.config, overrides)
-    train(config, args.index, args.annotations, args.workdir)
-    return 0
+
+    def body() -> int:
+        config, args = cli.parse(argv, p, default_config="configs/xpool.py")
+        train(config, args.index, args.annotations, args.workdir)
+        return 0
+    return cli.run(body)
 
 
 if __name__ == "__main__":

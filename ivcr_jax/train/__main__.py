@@ -1,21 +1,34 @@
-"""``python -m ivcr_jax.train --config configs/<file>.py[:arg] [--config.key=value ...] --workdir DIR``"""
-from absl import app, flags
-from ml_collections import config_flags
+"""Train InterLLaVA.
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config(arg)).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, curves.")
-_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps (default: config).")
+    python -m ivcr_jax.train --config configs/<file>.py[:arg] --workdir DIR [--config.KEY=VALUE ...]
+
+A workdir that holds checkpoints is resumed from its latest complete one (same losses as an
+uninterrupted run). ``--help --config FILE`` lists every config field.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ivcr_jax import cli
+from ivcr_jax.experiment import Experiment
+from ivcr_jax.train.loop import train
 
 
-def main(argv):
-    del argv
-    from ivcr_jax.train.loop import train
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ivcr_jax.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="run directory: checkpoints, logs, curves")
+    parser.add_argument("--max_steps", type=int, default=None,
+                        help="stop after this many steps (default: config.train.steps)")
 
-    summary = train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
-    print(f"finished at step {summary['final_step']}; logs and checkpoints in {summary['workdir']}")
+    def body() -> int:
+        config, args = cli.parse(argv, parser)
+        summary = train(Experiment.resolve(config), args.workdir, max_steps=args.max_steps)
+        print(f"finished at step {summary['final_step']}; logs and checkpoints in {summary['workdir']}")
+        return 0
+    return cli.run(body)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    sys.exit(main())

@@ -18,7 +18,8 @@ The reference computes both from argmax-decoded text, so they carry no gradient
   logits; like IoU itself it has no gradient when the spans do not overlap.
 
 Host side (:func:`add_targets`) locates these tokens in each sample's supervised answer and
-adds fixed-shape arrays to the batch; the jitted side (:func:`differentiable_aux`) uses them.
+adds the fixed-shape target arrays of ``data/batch.py``'s ``AUX`` layout to the batch; the jitted
+side (:func:`differentiable_aux`) uses them. ``train/aux.py`` wires both into the step.
 """
 from __future__ import annotations
 
@@ -28,9 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NUM_CANDIDATES = 10
-CONT = 3          # max tokens of a candidate continuation after its first digit ("0" of 10 + terminator)
-MAX_DIGITS = 6    # per number of a moment span
+from ivcr_jax.data.batch import MAX_DIGITS, NUM_CANDIDATES, empty_aux
 
 
 def _digit_map(tok) -> dict[int, int]:
@@ -44,12 +43,13 @@ def add_targets(batch: dict, tok) -> dict:
     dot = tok.convert_tokens_to_ids(["."])[0]
     digit_ids = tok.convert_tokens_to_ids(list("0123456789"))
     B = batch["input_ids"].shape[0]
-    cand_pos = np.full((B,), -1, np.int32)                  # position of the first digit
-    cand_cont = np.zeros((B, NUM_CANDIDATES, CONT), np.int32)
-    cand_len = np.zeros((B, NUM_CANDIDATES), np.int32)      # tokens after the first digit
-    cand_first = np.zeros((B, NUM_CANDIDATES), np.int32)    # first digit token of each candidate
-    num_pos = np.full((B, 2, MAX_DIGITS), -1, np.int32)
-    num_place = np.zeros((B, 2, MAX_DIGITS), np.float32)
+    aux = empty_aux(B)
+    cand_pos = aux["cand_pos"]        # [B] position of the first digit
+    cand_cont = aux["cand_cont"]      # [B, K, C]
+    cand_len = aux["cand_len"]        # [B, K] tokens after the first digit
+    cand_first = aux["cand_first"]    # [B, K] first digit token of each candidate
+    num_pos = aux["num_pos"]          # [B, 2, D]
+    num_place = aux["num_place"]      # [B, 2, D]
     for b in range(B):
         labels = batch["labels"][b]
         ids = batch["input_ids"][b]
@@ -81,10 +81,7 @@ def add_targets(batch: dict, tok) -> dict:
                     num_pos[b, j, n] = start + i
                     num_place[b, j, n] = 10.0 ** exp
                     n += 1
-    out = dict(batch)
-    out.update(cand_pos=cand_pos, cand_first=cand_first, cand_cont=cand_cont, cand_len=cand_len,
-               num_pos=num_pos, num_place=num_place)
-    return out
+    return {**batch, **aux}
 
 
 def _digit_runs(ids, sup, digits: Mapping[int, int], dot: int):

@@ -2,30 +2,26 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Mapping
+
+import matplotlib
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 
 class Logger:
     def __init__(self, workdir: str | Path, *, enabled: bool = True, total: int = 0, start: int = 0,
-                 progress: bool = True, every: int = 1):
+                 progress: bool = True):
         self.workdir = Path(workdir)
         self.enabled = enabled
-        self.every = every
         self._bar = self._tb = self._jsonl = None
         if not enabled:
             return
         self._jsonl = open(self.workdir / "metrics.jsonl", "a")
-        try:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-        except Exception as e:  # pragma: no cover - optional dependency
-            print(f"tensorboard logging disabled: {e}", file=sys.stderr)
+        self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
         if progress:
-            from tqdm import tqdm
-            self._bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train",
-                             disable=not sys.stderr.isatty() and False)
+            self._bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
 
     def info(self, msg: str):
         if not self.enabled:
@@ -71,9 +67,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(jsonl: str | Path, out_png: str | Path) -> Path | None:
-    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the non-interactive backend
 
     rows = read_jsonl(jsonl)
     if not rows:

@@ -17,13 +17,13 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ivcr_jax import distributed, sharding
-from ivcr_jax.models import build
-from ivcr_jax.train import checkpoint as ckpt_lib
+from ivcr_jax import checkpoints, distributed, sharding
+from ivcr_jax.experiment import Experiment
+from ivcr_jax.models.params import count, trainable_filter
 from ivcr_jax.train import data as data_lib
 from ivcr_jax.train import logging as log_lib
-from ivcr_jax.train import losses, optim, step as step_lib
-from ivcr_jax.models.params import count, trainable_filter
+from ivcr_jax.train import optim, step as step_lib
+from ivcr_jax.train.aux import make_aux_mode
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -52,54 +52,47 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def train(config, workdir: str | Path, *, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train ``config`` in ``workdir``; returns a summary (losses per step, final step)."""
+def train(exp: Experiment, workdir: str | Path, *, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train the experiment in ``workdir``; returns a summary (losses per step, final step)."""
     if "://" in str(workdir):
         raise ValueError(f"workdir {workdir}: give a filesystem path every process can reach (a shared "
                          f"or network mount; mount gs:// buckets with gcsfuse), not a URL")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    tc = config.train
+    tc = exp.train
 
     # --- mesh and devices ---
     distributed.initialize()
-    mesh = sharding.mesh_from_config(config.mesh)
+    mesh = exp.mesh()
 
     # --- input pipeline ---
-    tokenizer = data_lib.tokenizer(config)
-    data = data_lib.train_data(config, tokenizer)
+    data = data_lib.train_data(exp)
 
     # --- model, frozen and trainable parts ---
-    mcfg = build.model_config(config.model)
-    with sharding.use_mesh(mesh):
-        model = build.build_model(mcfg, mesh=mesh, seed=config.seed)
-        if config.init.converted:
-            build.load_converted(model, config.init.converted)
-    graphdef, params, frozen = nnx.split(model, trainable_filter(config.trainable), ...)
+    model = exp.build_model(mesh)
+    graphdef, params, frozen = nnx.split(model, trainable_filter(exp.trainable), ...)
     del model
     n_train, n_frozen = count(params), count(frozen)
     if n_train == 0:
-        raise ValueError(f"config.trainable {tuple(config.trainable)} selects no parameter")
+        raise ValueError(f"config.trainable {exp.trainable} selects no parameter")
 
     # --- optimizer and schedule ---
     tx, schedule = optim.make_optimizer(tc, params)
 
     # --- restore or initialise ---
-    rng_impl = config.get("rng_impl") or None
-    state_sh = step_lib.state_shardings(params, tx, config.seed, mesh, rng_impl)
-    state = jax.jit(lambda p: step_lib.init_state(p, tx, config.seed, rng_impl), out_shardings=state_sh)(params)
+    state_sh = step_lib.state_shardings(params, tx, exp.seed, mesh, exp.rng_impl)
+    state = jax.jit(lambda p: step_lib.init_state(p, tx, exp.seed, exp.rng_impl), out_shardings=state_sh)(params)
     del params
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
+    ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints)
     start = 0
     if ckpt.latest_step() is not None:
         start = int(ckpt.latest_step())
-        state = ckpt.restore(start, ckpt_lib.abstract_like(state), data.iterator)
+        state = ckpt.restore(start, checkpoints.abstract_like(state), data.iterator)
     total = int(tc.steps if max_steps is None else min(tc.steps, max_steps))
 
     # --- the compiled step ---
-    step_fn = step_lib.jit_train_step(step_lib.make_train_step(
-        graphdef, tx, schedule, aux_mode=tc.aux_loss_mode, alpha=tc.alpha, beta=tc.beta,
-        digit_ids=data_lib.digit_ids(tokenizer), rng_impl=rng_impl))
+    aux = make_aux_mode(tc.aux_loss_mode, exp.tokenizer, alpha=tc.alpha, beta=tc.beta)
+    step_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule, aux, rng_impl=exp.rng_impl))
 
     # --- loop: step, log, checkpoint ---
     logger = log_lib.Logger(workdir, enabled=jax.process_index() == 0, total=total, start=start,
@@ -110,13 +103,10 @@ def train(config, workdir: str | Path, *, max_steps: int | None = None, progress
     with ckpt, _Preemption() as pre:
         for step in range(start, total):
             t0 = time.perf_counter()
-            host_batch = next(data.iterator)
-            if tc.aux_loss_mode == "differentiable":
-                from ivcr_jax.train.aux_losses import add_targets
-                host_batch = add_targets(host_batch, tokenizer)
-            batch = data_lib.to_device(host_batch, mesh)
+            host_batch = aux.prepare(next(data.iterator))
+            batch = sharding.to_device(data_lib.agree_text_length(host_batch), mesh)
             with sharding.use_mesh(mesh):
-                state, metrics, pred = step_fn(state, frozen, batch)
+                state, metrics, outputs = step_fn(state, frozen, batch)
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not m.pop("finite"):
                 ckpt.wait()
@@ -124,11 +114,7 @@ def train(config, workdir: str | Path, *, max_steps: int | None = None, progress
                     f"non-finite loss at step {step + 1} (loss {m['loss']}, grad norm {m['grad_norm']}); "
                     f"the state was not updated and the last good checkpoint "
                     f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact")
-            if tc.aux_loss_mode == "faithful":
-                aux = losses.combine_across_processes(
-                    losses.faithful_aux(data_lib.to_host_local(pred, mesh), host_batch, tokenizer))
-                m["loss/video"], m["loss/moment"] = aux["video"], aux["moment"]
-                m["loss"] = m["loss/lm"] + tc.alpha * aux["video"] + tc.beta * aux["moment"]
+            aux.report(m, outputs, host_batch, mesh)
             dt = time.perf_counter() - t0
             m["step_time"] = dt
             m["tokens_per_s"] = m["tokens"] / dt

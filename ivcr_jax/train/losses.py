@@ -10,6 +10,8 @@
     are constants with respect to the parameters: they are logged, and add nothing to gradients.
     They are computed on the host after the step (see :func:`faithful_aux`).
   - ``differentiable``: see ``ivcr_jax/train/aux_losses.py``.
+
+``train/aux.py`` turns the mode into one object that the step and the loop call.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+
+from ivcr_jax.data.answers import iou, parse_moment, parse_video_index
 
 
 def lm_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array | None = None):
@@ -54,9 +59,6 @@ _CONST_NONE = math.log(10.0)
 
 def faithful_aux(pred_ids: np.ndarray, batch: Mapping[str, Any], tokenizer) -> dict[str, float]:
     """The reference's L_V and L_C for one batch, from argmax ids (host side, no gradient)."""
-    from ivcr_jax.eval.parse import parse_moment, parse_video_index
-    from ivcr_jax.eval.metrics import iou
-
     kinds = np.asarray(batch["kind"])
     weight = np.asarray(batch.get("weight", np.ones(len(kinds))))
     answers = predicted_answer_ids(np.asarray(pred_ids), np.asarray(batch["labels"]))
@@ -82,10 +84,8 @@ def faithful_aux(pred_ids: np.ndarray, batch: Mapping[str, Any], tokenizer) -> d
 
 def combine_across_processes(aux: dict[str, float]) -> dict[str, float]:
     """Global means of the per-process faithful losses (every process gets the same numbers)."""
-    import jax
     if jax.process_count() == 1:
         return aux
-    from jax.experimental import multihost_utils
     v = np.array([aux["video_sum"], aux["video_n"], aux["moment_sum"], aux["moment_n"]], np.float64)
     # Sent as raw 32-bit words: JAX (x64 off) would round float64 to float32 on the way.
     words = np.asarray(multihost_utils.process_allgather(v.view(np.uint32)))

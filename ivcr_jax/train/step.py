@@ -7,7 +7,6 @@ train state (params, optimizer state, step, RNG) is donated, so it is updated in
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -15,7 +14,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ivcr_jax import sharding
 from ivcr_jax.train import losses as L
+from ivcr_jax.train.aux import Off
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int, rng_impl: str | None = None) -> dict[str, Any]:
@@ -27,17 +28,16 @@ def init_state(params, tx: optax.GradientTransformation, seed: int, rng_impl: st
 def state_shardings(params, tx: optax.GradientTransformation, seed: int, mesh, rng_impl: str | None = None):
     """Shardings of the whole train state: parameters and the optimizer's moment trees by the
     parameters' logical names (optax keeps their ``Variable`` wrappers), scalars and the key replicated."""
-    from ivcr_jax import sharding
-
     return sharding.state_shardings(jax.eval_shape(lambda p: init_state(p, tx, seed, rng_impl), params), mesh)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, *,
-                    aux_mode: str = "faithful", alpha: float = 0.01, beta: float = 0.01,
-                    digit_ids=None, rng_impl: str | None = None) -> Callable:
-    """Build ``step(state, frozen, batch) -> (state, metrics)`` (not yet jitted)."""
-    if aux_mode not in ("faithful", "differentiable", "off"):
-        raise ValueError(f"train.aux_loss_mode must be faithful|differentiable|off, got {aux_mode!r}")
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, aux: Off, *,
+                    rng_impl: str | None = None) -> Callable:
+    """Build ``step(state, frozen, batch) -> (state, metrics, outputs)`` (not yet jitted).
+
+    ``aux`` (``train/aux.py``) is the aux-loss mode: its forward pass, its differentiable terms
+    (added to the LM loss with their weights) and the outputs the host reads after the step.
+    """
 
     def step(state, frozen, batch):
         # Dropout keys: the base key folded with the step, so a resumed run draws the same masks.
@@ -45,22 +45,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, frozen)
-            if aux_mode == "differentiable":
-                from ivcr_jax.train import aux_losses
-                logits, ext = aux_losses.forward_with_candidates(model, batch, rng)
-            else:
-                logits = model(batch, rng=rng).logits
+            logits, extra = aux.forward(model, batch, rng)
             lm, ntok = L.lm_loss(logits, batch["labels"], batch.get("weight"))
-            parts = {"lm": lm}
-            total = lm
-            if aux_mode == "differentiable":
-                v, c = aux_losses.differentiable_aux(logits, ext, batch, digit_ids)
-                parts.update(video=v, moment=c)
-                total = total + alpha * v + beta * c
-            pred = jnp.argmax(logits, axis=-1).astype(jnp.int32) if aux_mode == "faithful" else None
-            return total, (parts, ntok, pred)
+            parts, total = {"lm": lm}, lm
+            for name, (weight, value) in aux.terms(logits, extra, batch).items():
+                parts[name] = value
+                total = total + weight * value
+            return total, (parts, ntok, aux.outputs(logits))
 
-        (total, (parts, ntok, pred)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (total, (parts, ntok, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(total) & jnp.isfinite(optax.global_norm(grads))
@@ -72,7 +65,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
                    "lr": schedule(state["step"]), "tokens": ntok,
                    "finite": finite}
         new = {"params": params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}
-        return new, metrics, pred
+        return new, metrics, outputs
 
     return step
 

@@ -1,7 +1,7 @@
 """Answer parsers on the answer strings of the paper, its appendix and the reference code (§8.4)."""
 import pytest
 
-from ivcr_jax.eval.parse import parse_intent, parse_moment, parse_video_index
+from ivcr_jax.data.answers import parse_intent, parse_moment, parse_video_index
 
 # Appendix H (Figures 22–25), InterLLaVA outputs, verbatim openings.
 APPENDIX_RETRIEVAL = [

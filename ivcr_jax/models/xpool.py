@@ -1,4 +1,4 @@
-"""X-Pool: text-conditioned attention pooling of frame features, its similarity and its loss.
+"""X-Pool: text-conditioned attention pooling of frame features, its similarity, its loss, its files.
 
 Follows reference-architecture.md §5 (``layer6ai-labs/xpool : modules/transformer.py``,
 ``modules/loss.py``, ``trainer/trainer.py``) exactly:
@@ -17,19 +17,29 @@ Follows reference-architecture.md §5 (``layer6ai-labs/xpool : modules/transform
 Upstream X-Pool fine-tunes the CLIP towers as well (lr 1e-6). Here the frame and text features
 are frozen (BLIP-2 ITC features cached in the index, ``retrieval/features.py``), so the trainable
 parameters are the pooling block and the logit scale; ``embed_dim`` is the feature dimension.
+
+:func:`save_xpool` / :func:`load_xpool` write and read the exported model: ``xpool.safetensors``
+(flat ``a/b/c`` parameter paths) + ``xpool_config.json``. Training is ``ivcr_jax/retrieval/train.py``,
+search with it ``ivcr_jax/retrieval/search.py``.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
 from ivcr_jax.models.layers import Dense, Dropout, LayerNorm, make_param
+from ivcr_jax.models.params import CheckpointError, flat_state, load_flat
 
 
 def identity_init(key, shape, dtype=jnp.float32):
@@ -217,3 +227,31 @@ def similarity_matrix(model: XPool, text: Any, frames: Any, *, frame_mask: Any =
             s = np.asarray(_sims_block(model, t, f, m))
             out[t0:t0 + tc, v0:v0 + vc] = s[:min(tc, n_t - t0), :min(vc, n_v - v0)]
     return out
+
+
+# ----------------------------------------------------------------------------- export / import
+
+def save_xpool(model: XPool, directory: str | os.PathLike) -> Path:
+    """``xpool.safetensors`` (flat ``a/b/c`` keys) + ``xpool_config.json``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    flat = {k: np.asarray(v[...], np.float32) for k, v in flat_state(model).items()}
+    safetensors.numpy.save_file(flat, str(d / "xpool.safetensors"))
+    (d / "xpool_config.json").write_text(json.dumps(dataclasses.asdict(model.config), indent=1) + "\n")
+    return d / "xpool.safetensors"
+
+
+def load_xpool(path: str | os.PathLike) -> XPool:
+    """Load :func:`save_xpool`'s output (the file or its directory)."""
+    p = Path(path)
+    f = p / "xpool.safetensors" if p.is_dir() else p
+    cfg_file = f.parent / "xpool_config.json"
+    if not f.is_file() or not cfg_file.is_file():
+        raise CheckpointError(f"{p}: expected xpool.safetensors and xpool_config.json")
+    model = XPool(XPoolConfig(**json.loads(cfg_file.read_text())), rngs=None)
+    try:
+        flat = safetensors.numpy.load_file(str(f))
+    except safetensors.SafetensorError as e:
+        raise CheckpointError(f"{f}: not a safetensors file ({e})") from None
+    load_flat(model, flat, source=str(f))
+    return model

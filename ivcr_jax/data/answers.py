@@ -1,4 +1,6 @@
-"""Answer parsers: intent, re-ranked video index and moment span from a generated answer.
+"""Reading answers: intent, re-ranked video index and moment span of an answer text, and temporal IoU.
+
+Used by evaluation (the metrics), training (the faithful L_V / L_C) and the chat (what the model chose).
 
 Follows reference-architecture §8.4 and the answer strings of the paper (§4.2) and its appendix
 (Figures 8, 22–25). The answers these parsers meet come in three generations:
@@ -18,9 +20,11 @@ scores the same IoU of 0 against any non-degenerate ground truth).
 """
 from __future__ import annotations
 
+import math
 import re
+from typing import Sequence
 
-__all__ = ["parse_intent", "parse_video_index", "parse_moment", "INTENTS"]
+__all__ = ["parse_intent", "parse_video_index", "parse_moment", "iou", "INTENTS"]
 
 INTENTS = ("retrieval", "moment", "chat")
 
@@ -225,3 +229,29 @@ def parse_intent(answer: str | None) -> str | None:
     if parse_video_index(answer) is not None:
         return "retrieval"
     return None
+
+
+# --------------------------------------------------------------------------- spans ---
+
+def iou(pred: Sequence[float] | None, gt: Sequence[float] | None) -> float:
+    """Temporal IoU of two [start, end] spans (seconds).
+
+    ``max(min(e1, e2) - max(s1, s2), 0) / (max(e1, e2) - min(s1, s2))`` (§8.5), with:
+
+    * reversed spans (end < start) normalised to (min, max) first, as the reference's parser does;
+    * a zero-length union (both spans are the same point) gives 1.0 when the points are equal —
+      otherwise the union is not zero-length — and two distinct points give 0.0;
+    * ``None`` (an unparseable prediction) or a non-finite bound gives 0.0.
+    """
+    if pred is None or gt is None:
+        return 0.0
+    s1, e1 = sorted((float(pred[0]), float(pred[1])))
+    s2, e2 = sorted((float(gt[0]), float(gt[1])))
+    if not all(math.isfinite(v) for v in (s1, e1, s2, e2)):
+        return 0.0
+    union = max(e1, e2) - min(s1, s2)
+    if union <= 0.0:
+        # Both spans are the same single point (a distinct point would make the union positive).
+        return 1.0 if (s1, e1) == (s2, e2) else 0.0
+    inter = max(min(e1, e2) - max(s1, s2), 0.0)
+    return inter / union

@@ -41,12 +41,9 @@ import numpy as np
 from flax import nnx
 
 from ivcr_jax import sharding
+from ivcr_jax.tokenizer import EOS_ID, PAD_ID
 
-EOS_ID = 2
-PAD_ID = 2  # the reference pads with eos
-MODEL_INPUTS = ("input_ids", "attention_mask", "video_token_index", "videos")
-
-__all__ = ["EOS_ID", "PAD_ID", "Generation", "Generator", "select_token", "bucket_for"]
+__all__ = ["Generation", "Generator", "select_token", "bucket_for"]
 
 
 @dataclasses.dataclass
