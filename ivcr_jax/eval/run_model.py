@@ -65,11 +65,31 @@ __all__ = ["evaluate_model", "run"]
 
 # ------------------------------------------------------------------------------ the run ---
 
-def _waves(refs: Sequence) -> list[list]:
+def _chunks(refs: Sequence, batch_size: int):
+    """Batches of samples in waves of equal turn index, so a turn follows its dialogue's previous one."""
     by_turn: dict[int, list] = collections.defaultdict(list)
     for r in refs:
         by_turn[r.turn_idx].append(r)
-    return [by_turn[t] for t in sorted(by_turn)]
+    for t in sorted(by_turn):
+        wave = by_turn[t]
+        for b0 in range(0, len(wave), batch_size):
+            yield wave[b0:b0 + batch_size]
+
+
+def _record(ref, prompt, g, i: int, text: str, n: int, retriever) -> dict:
+    """The predictions-file line of row ``i`` of generation ``g`` (``n`` real rows share its stage times)."""
+    turn = ref.dialogue.turns[ref.turn_idx]
+    t_ret = 0.0
+    if retriever is not None and turn.kind == "retrieval":
+        t0 = time.perf_counter()
+        retriever.search([turn.question], 10)
+        t_ret = time.perf_counter() - t0
+    return {"text_id": turn.text_id, "answer": text,
+            "timings": {"retrieval": t_ret, "prefill": (g.encode_s + g.prefill_s) / n,
+                        "decode": g.decode_s / n, "video_encode": g.encode_s / n},
+            "dialogue_id": ref.dialogue.id, "turn": ref.turn_idx + 1, "kind": turn.kind,
+            "prompt_tokens": int(g.prompt_lengths[i]), "new_tokens": int(g.lengths[i]),
+            "finished": bool(g.finished[i]), "history_turns_dropped": int(prompt.sample.dropped_turns)}
 
 
 def _with_history(dialogue, turn_idx: int, answers: Mapping[tuple[int, int], str]):
@@ -110,47 +130,30 @@ def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str 
     records, skipped = [], []
     compile_s, n_batches, t_start = 0.0, 0, time.perf_counter()
     with open(pred_path, "w", encoding="utf-8") as f:
-        for wave in _waves(refs):
-            for b0 in range(0, len(wave), batch_size):
-                chunk = wave[b0:b0 + batch_size]
-                prompts, refs_ok = [], []
-                for ref in chunk:
-                    d = _with_history(ref.dialogue, ref.turn_idx, answers) if history == "model" else ref.dialogue
-                    try:
-                        prompts.append(loader.prompt(d, ref.turn_idx, ref.sample_id))
-                        refs_ok.append(ref)
-                    except (VideoError, SampleTooLong, ValueError) as e:  # ValueError: an unparseable prompt
-                        skipped.append({"text_id": ref.dialogue.turns[ref.turn_idx].text_id, "error": str(e)})
-                        log(f"skipped {ref.key}: {e}")
-                if not prompts:
-                    continue
-                batch = loader.batch(prompts, batch_size)
-                sub = jax.random.fold_in(key, n_batches)
-                g = gen(batch, temperature=temperature, top_p=top_p, key=sub)
-                n_batches += 1
-                compile_s += g.compile_s
-                texts = g.texts(tokenizer)
-                n = len(prompts)
-                for i, (ref, p) in enumerate(zip(refs_ok, prompts)):
-                    turn = ref.dialogue.turns[ref.turn_idx]
-                    t_ret = 0.0
-                    if retriever is not None and turn.kind == "retrieval":
-                        t0 = time.perf_counter()
-                        retriever.search([turn.question], 10)
-                        t_ret = time.perf_counter() - t0
-                    answers[(ref.dialogue.index, ref.turn_idx)] = clean_answer(texts[i], tokenizer)
-                    rec = {"text_id": turn.text_id, "answer": texts[i],
-                           "timings": {"retrieval": t_ret, "prefill": (g.encode_s + g.prefill_s) / n,
-                                       "decode": g.decode_s / n, "video_encode": g.encode_s / n},
-                           "dialogue_id": ref.dialogue.id, "turn": ref.turn_idx + 1, "kind": turn.kind,
-                           "prompt_tokens": int(g.prompt_lengths[i]), "new_tokens": int(g.lengths[i]),
-                           "finished": bool(g.finished[i]), "history_turns_dropped": int(p.sample.dropped_turns)}
-                    records.append(rec)
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                log(f"wave {refs_ok[0].turn_idx + 1}: {len(records)}/{len(refs)} samples "
-                    f"(bucket {g.bucket}, video encoding {g.encode_s:.3f}s, prefill {g.prefill_s:.3f}s, "
-                    f"decode {g.decode_s:.3f}s over {g.steps} steps"
-                    + (f", compiled in {g.compile_s:.1f}s" if g.compile_s else "") + ")")
+        for chunk in _chunks(refs, batch_size):
+            prompts, refs_ok = [], []
+            for ref in chunk:
+                d = _with_history(ref.dialogue, ref.turn_idx, answers) if history == "model" else ref.dialogue
+                try:
+                    prompts.append(loader.prompt(d, ref.turn_idx, ref.sample_id))
+                    refs_ok.append(ref)
+                except (VideoError, SampleTooLong, ValueError) as e:  # ValueError: an unparseable prompt
+                    skipped.append({"text_id": ref.dialogue.turns[ref.turn_idx].text_id, "error": str(e)})
+                    log(f"skipped {ref.key}: {e}")
+            if not prompts:
+                continue
+            g = gen(loader.batch(prompts, batch_size), temperature=temperature, top_p=top_p,
+                    key=jax.random.fold_in(key, n_batches))
+            n_batches += 1
+            compile_s += g.compile_s
+            for i, (ref, p, text) in enumerate(zip(refs_ok, prompts, g.texts(tokenizer))):
+                answers[(ref.dialogue.index, ref.turn_idx)] = clean_answer(text, tokenizer)
+                records.append(_record(ref, p, g, i, text, len(prompts), retriever))
+                f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
+            log(f"wave {refs_ok[0].turn_idx + 1}: {len(records)}/{len(refs)} samples "
+                f"(bucket {g.bucket}, video encoding {g.encode_s:.3f}s, prefill {g.prefill_s:.3f}s, "
+                f"decode {g.decode_s:.3f}s over {g.steps} steps"
+                + (f", compiled in {g.compile_s:.1f}s" if g.compile_s else "") + ")")
     generation = {
         "max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p),
         "decoding": "greedy" if temperature <= 0 else "sampled", "seed": int(seed), "batch_size": int(batch_size),
