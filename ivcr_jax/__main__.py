@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ivcr_jax import cli
-from ivcr_jax.data.demo import build_demo_corpus
+from ivcr_jax.data.demo import ensure_demo_corpus
 
 
 def _run(cmd: list[str], env: dict) -> None:
@@ -44,11 +44,7 @@ def main(argv=None) -> int:
 
         t0 = time.time()
         corpus = work / "demo_corpus"
-        if not (corpus / "ivcr.json").is_file():
-            print(f"[1/3] building the demo corpus in {corpus}")
-            build_demo_corpus(corpus, seed=0)
-        else:
-            print(f"[1/3] demo corpus found in {corpus}")
+        ensure_demo_corpus(corpus, seed=0, log=lambda msg: print(f"[1/3] {msg}"))
         common = ["--config", args.config, f"--config.data.annotations={corpus / 'ivcr.json'}", *overrides]
         print(f"[2/3] training the tiny InterLLaVA for {config.train.steps} steps in {work / 'train'}")
         _run([sys.executable, "-m", "ivcr_jax.train", *common, "--workdir", str(work / "train")], env)

@@ -55,13 +55,15 @@ def bundled_test_tokenizer() -> Path:
     """A real LLaMA-format sentencepiece model shipped by the ``mistral-common`` package.
 
     Same format as LLaMA-2's ``tokenizer.model`` (32000 BPE pieces, byte fallback, bos/eos 1/2),
-    different vocabulary. Used by tests and the demo when no tokenizer is given.
+    different vocabulary. Used by the demo and the tests when ``config.data.tokenizer`` is empty
+    (mistral-common is a runtime dependency).
     """
     import importlib.util
 
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the mistral-common package is not installed (pip install mistral-common)")
+        raise FileNotFoundError("config.data.tokenizer is empty and the bundled tokenizer's package, "
+                                "mistral-common, is not installed (pip install mistral-common)")
     p = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
     if not p.is_file():
         raise FileNotFoundError(f"{p}: tokenizer.model.v1 missing from mistral-common")

