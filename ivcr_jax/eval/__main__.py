@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-charts", action="store_true", help="do not write PNG charts")
     # --- model-driven mode (ivcr_jax.eval.run_model) ---
     p.add_argument("--checkpoint", help="[model mode] converted weights or a training workdir")
-    p.add_argument("--max-samples", type=int, help="[model mode] evaluate only the first N samples (dialogue order)")
+    p.add_argument("--max-samples", type=int, help="[model mode] evaluate only the first N samples (dialogue order; 0 = all)")
     p.add_argument("--index", help="[model mode] retriever index directory: time retrieval per retrieval turn")
     p.add_argument("--retriever-model", help="[model mode] exported X-Pool for --index")
     p.add_argument("--mesh", action="store_true", help="[model mode] shard the model over config.mesh")

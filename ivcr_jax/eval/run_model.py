@@ -117,7 +117,7 @@ def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str 
     temperature, top_p, seed = float(ec.temperature), float(ec.top_p), exp.seed
     pcfg = exp.pipeline(batch_size, video_root=video_root)
     refs = enumerate_samples(dialogues, pcfg.sample)
-    if max_samples is not None:
+    if max_samples:  # None or 0: every sample
         refs = refs[: int(max_samples)]
     loader = PromptLoader(pcfg, tokenizer, video_slots=ec.video_slots)
     gen = Generator(model, max_new_tokens=max_new_tokens, buckets=pcfg.buckets, mesh=mesh)
