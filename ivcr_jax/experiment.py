@@ -254,14 +254,10 @@ class Experiment:
 
     def build_model(self, mesh=None):
         """The model with its base weights: ``init.converted`` when set, else random (``seed``)."""
-        with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            model = build.build_model(self.model, mesh=mesh, seed=self.seed)
-            if self.init.converted:
-                checkpoints.load_weights(model, None, base=self.init.converted)
-        return model
+        return self.load_model(None, mesh)[0]
 
     def load_model(self, checkpoint: str | None, mesh=None):
-        """``(model, description)``: :meth:`build_model`, then ``checkpoint`` (converted dir or run)."""
+        """``(model, description)``: the base weights, then ``checkpoint`` (converted dir or run)."""
         with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             model = build.build_model(self.model, mesh=mesh, seed=self.seed)
             what = checkpoints.load_weights(model, checkpoint, base=self.init.converted,

@@ -92,7 +92,7 @@ class Differentiable(Off):
         return {"video": (self.alpha, v), "moment": (self.beta, c)}
 
 
-AuxMode = Off
+AuxMode = Off  # the interface every mode implements (Off is the base class)
 
 
 def make_aux_mode(name: str, tokenizer=None, *, alpha: float = 0.01, beta: float = 0.01) -> Off:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from ivcr_jax import sharding
 from ivcr_jax.train import losses as L
-from ivcr_jax.train.aux import Off
+from ivcr_jax.train.aux import AuxMode
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int, rng_impl: str | None = None) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def state_shardings(params, tx: optax.GradientTransformation, seed: int, mesh, r
     return sharding.state_shardings(jax.eval_shape(lambda p: init_state(p, tx, seed, rng_impl), params), mesh)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, aux: Off, *,
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, aux: AuxMode, *,
                     rng_impl: str | None = None) -> Callable:
     """Build ``step(state, frozen, batch) -> (state, metrics, outputs)`` (not yet jitted).
 
