@@ -71,6 +71,7 @@ def data_config(tiny: bool = False, head64: bool = False) -> mlc.ConfigDict:
     d.max_retrieval_videos = 20      # per-sample cap of retrieval-candidate videos (padded, masked)
     d.max_moment_videos = 2
     d.workers = 0
+    d.cache_videos = 0               # videos kept decoded in memory (for corpora that fit); 0 = none
     return d
 
 
@@ -92,6 +93,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
 
     c.init = mlc.ConfigDict(dict(
         converted="",        # a directory written by `python -m ivcr_jax.convert ivcr`; "" = random
+        random_init="bert",  # random weights: "bert" N(0, 0.02^2) (HF's) | "fan_in" N(0, 1/fan_in)
     ))
 
     c.train = mlc.ConfigDict(dict(
@@ -103,6 +105,13 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
         aux_loss_mode="faithful",   # "faithful" (reference, no gradient) | "differentiable" | "off"
         alpha=0.01, beta=0.01,      # weights of the video-index and moment losses
         ckpt_every=500, keep_checkpoints=3,
+        log_every=10,        # steps per metrics row (the mean over them)
+        # Held-out monitor: every eval_every steps (0 = off) the first eval_samples samples of
+        # eval_split are answered by generation and scored (R@1, IoU>=0.5, parse rates).
+        eval_every=0, eval_samples=24, eval_split="test",
+        # "supervised": the LM head (and its logits) only at positions whose next token is a label;
+        # the same loss as "all", without the [B, S, vocab] logits of the whole prompt.
+        lm_head="supervised",
     ))
     # Generation for evaluation and the chat: greedy by default (the reference sampled with
     # top-p 0.8, temperature 1); video_slots "bucketed" pads a prompt's videos to 1, 2 or 10k slots.
@@ -113,7 +122,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
 
     if tiny:
         c.train.update(batch_size=2, steps=50, warmup_steps=5, lr=1e-3, min_lr=1e-4,
-                       warmup_init_lr=1e-5, ckpt_every=20)
+                       warmup_init_lr=1e-5, ckpt_every=20, log_every=1)
         c.data.update(max_len=1024, text_buckets=(256, 512, 1024), timestamp_len=16)
         c.model.update(frozen_dtype="float32", compute_dtype="float32", remat="none")
         # CPU compile time: BERT dropout in every Q-Former layer more than doubles the train

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ivcr_jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--eval-samples", type=int, default=24, help="test samples to evaluate (0 = all)")
+    parser.add_argument("--eval-samples", type=int, default=0, help="test samples to evaluate (0 = all, the default)")
 
     def body() -> int:
         config, args = cli.parse(argv, parser, default_config="configs/demo.py")
@@ -45,7 +45,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         corpus = work / "demo_corpus"
         ensure_demo_corpus(corpus, seed=0, log=lambda msg: print(f"[1/3] {msg}"))
-        common = ["--config", args.config, f"--config.data.annotations={corpus / 'ivcr.json'}", *overrides]
+        common = ["--config", args.config, f"--config.data.annotations={corpus / 'ivcr.json'}", *overrides,
+                  *(["--verbose"] if args.verbose else [])]
         print(f"[2/3] training the tiny InterLLaVA for {config.train.steps} steps in {work / 'train'}")
         _run([sys.executable, "-m", "ivcr_jax.train", *common, "--workdir", str(work / "train")], env)
         logged = [json.loads(line) for line in (work / "train" / "metrics.jsonl").read_text().splitlines() if line]

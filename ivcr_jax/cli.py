@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import ConfigDict, config_flags
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -132,6 +133,7 @@ def parse(argv: Sequence[str] | None, parser: argparse.ArgumentParser, *, defaul
                              + (f"; default {default_config}" if default_config else "")
                              + ". Override any field with --config.KEY=VALUE")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' INFO logs (Orbax, absl)")
     if any(a in ("-h", "--help") for a in own):
         if spec:
             try:
@@ -148,6 +150,7 @@ def parse(argv: Sequence[str] | None, parser: argparse.ArgumentParser, *, defaul
         print(describe_config(resolve(spec, overrides)))
         raise SystemExit(0)
     args = parser.parse_args(own)
+    set_verbosity(args.verbose)
     if spec is None:
         if config_required:
             raise UsageError("--config FILE.py[:ARG] is required")
@@ -157,6 +160,11 @@ def parse(argv: Sequence[str] | None, parser: argparse.ArgumentParser, *, defaul
     config = resolve(spec, overrides)
     args.config = spec
     return config, args
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Library INFO logs (Orbax's checkpoint chatter goes through absl) only with ``--verbose``."""
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
 
 
 def resolve(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:

@@ -66,12 +66,22 @@ class TrainConfig:
     beta: float            # weight of the moment loss L_C
     ckpt_every: int
     keep_checkpoints: int
+    log_every: int = 1     # steps per row of metrics.jsonl / TensorBoard (the mean over those steps)
+    eval_every: int = 0    # steps between held-out evaluations (generation + parsing); 0 = none
+    eval_samples: int = 24  # samples of the held-out slice: the first N of eval_split
+    eval_split: str = "test"
+    lm_head: str = "supervised"  # "supervised": logits only where the next token is a label | "all"
 
     def __post_init__(self):
-        positive = ("batch_size", "grad_accum", "steps", "ckpt_every", "keep_checkpoints")
+        positive = ("batch_size", "grad_accum", "steps", "ckpt_every", "keep_checkpoints", "log_every",
+                    "eval_samples")
         for name in positive:
             if int(getattr(self, name)) <= 0:
                 raise UsageError(f"config.train.{name} must be positive, got {getattr(self, name)}")
+        if self.lm_head not in ("supervised", "all"):
+            raise UsageError(f"config.train.lm_head must be 'supervised' or 'all', got {self.lm_head!r}")
+        if int(self.eval_every) < 0:
+            raise UsageError(f"config.train.eval_every must be >= 0 (0 = no held-out evaluation), got {self.eval_every}")
         if self.aux_loss_mode not in AUX_LOSS_MODES:
             raise UsageError(f"config.train.aux_loss_mode must be one of {', '.join(AUX_LOSS_MODES)}, "
                              f"got {self.aux_loss_mode!r}")
@@ -107,6 +117,12 @@ class InitConfig:
     """``config.init``: the base weights (``converted``: a ``python -m ivcr_jax.convert ivcr`` dir)."""
 
     converted: str = ""
+    random_init: str = "bert"   # weights not loaded from `converted`: "bert" N(0, 0.02²) | "fan_in" N(0, 1/fan_in)
+
+    def __post_init__(self):
+        if self.random_init not in build.RANDOM_INITS:
+            raise UsageError(f"config.init.random_init must be one of {', '.join(build.RANDOM_INITS)}, "
+                             f"got {self.random_init!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +144,7 @@ class DataConfig:
     max_retrieval_videos: int | None
     max_moment_videos: int | None
     workers: int
+    cache_videos: int = 0        # videos kept decoded in memory (small corpora); 0 = decode per sample
     max_sample_turns: int | None = 7
     long_prefix: str = "drop"
     prepared: str = ""           # a dataset written by ``python -m ivcr_jax.data.prepare``
@@ -135,6 +152,8 @@ class DataConfig:
     def __post_init__(self):
         if self.lang not in ("en", "zh"):
             raise UsageError(f"config.data.lang must be 'en' or 'zh', got {self.lang!r}")
+        if int(self.cache_videos) < 0:
+            raise UsageError(f"config.data.cache_videos must be >= 0, got {self.cache_videos}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +278,7 @@ class Experiment:
     def load_model(self, checkpoint: str | None, mesh=None):
         """``(model, description)``: the base weights, then ``checkpoint`` (converted dir or run)."""
         with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            model = build.build_model(self.model, mesh=mesh, seed=self.seed)
+            model = build.build_model(self.model, mesh=mesh, seed=self.seed, random_init=self.init.random_init)
             what = checkpoints.load_weights(model, checkpoint, base=self.init.converted,
                                             trainable=self.trainable, seed=self.seed)
         return model, what

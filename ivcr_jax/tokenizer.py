@@ -24,6 +24,9 @@ def load_tokenizer(path: str | os.PathLike, add_special: bool = True):
     Adds the five IVCR special tokens (in the reference's order) and sets pad = eos (id 2), as
     the IVCR code does. Raises ``FileNotFoundError`` naming the path when nothing is there.
     """
+    # transformers warns "PyTorch was not found" on import when torch is absent; only its tokenizers
+    # are used here, so that advice is noise (an explicit TRANSFORMERS_NO_ADVISORY_WARNINGS wins).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer, LlamaTokenizer
 
     path = Path(path)

@@ -43,7 +43,7 @@ def test_demo_corpus_has_at_least_40_decodable_videos(corpus):
         assert f.fps == pytest.approx(meta["fps"], rel=1e-6)
         assert f.duration == pytest.approx(meta["duration"], abs=1e-3)
     gen = [v for v in videos.values() if v["source"] == "shapes"]
-    assert len(gen) == 40 and all(4.0 <= v["duration"] <= 10.0 and v["fps"] in (8.0, 10.0) for v in gen)
+    assert len(gen) == 120 and all(v["duration"] == 8.0 and v["fps"] == 10.0 for v in gen)
     assert len({v["description"] for v in videos.values()}) == len(videos)  # every identity is distinct
     assert (root / "README.txt").read_text(encoding="utf-8").startswith("IVCR demo corpus")
 
@@ -198,3 +198,56 @@ def test_a_cached_corpus_of_another_generator_is_rebuilt(tmp_path):
     demo.ensure_demo_corpus(root, log=lines.append)
     assert "rebuilding" in lines[-1] and not (root / "leftover.txt").exists()
     assert demo.read_fingerprint(root) == demo.built_fingerprint(0)
+
+
+def _videos_of(record):
+    out = set()
+    for t in record["conversations"]:
+        out.update(t.get("candidate_videos", ()))
+    return out
+
+
+def test_no_test_clip_is_seen_in_training(corpus):
+    """Splits are by clip: a test dialogue's ground-truth clips are never a training dialogue's."""
+    _, records, _ = corpus
+    gt = {"train": set(), "test": set()}
+    for r in records:
+        gt[r["split"]].update(t["video_id"] for t in r["conversations"] if "video_id" in t)
+    assert gt["test"] and not gt["test"] & gt["train"]
+    assert all(v.startswith("shapes/") for v in gt["test"])   # the real clips are all training ones
+
+
+def test_events_are_long_enough_for_the_moment_frames(corpus):
+    """An event covers 15-30 % of its clip (>= 1 s), so the 16 uniformly sampled frames catch it."""
+    _, _, videos = corpus
+    for v in videos.values():
+        for e in v["events"]:
+            frac = (e["end_frame"] - e["start_frame"]) / v["num_frames"]
+            assert e["end_frame"] - e["start_frame"] >= v["fps"] and 0.1 <= frac <= 0.31, (v["video_id"], frac)
+
+
+_BLOCK_EXTRAS = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"torch", "peft", "faiss", "importlinter", "pytest"}:
+            raise ImportError(f"{name} is blocked (a runtime-only install)")
+sys.meta_path.insert(0, _Block())
+from ivcr_jax.data import demo
+demo.build_demo_corpus(sys.argv[1], seed=0)
+"""
+
+
+def test_the_corpus_is_the_same_without_the_optional_extras(corpus, tmp_path):
+    """Built where torch, peft, faiss (the test/convert extras) cannot be imported, the corpus is
+    byte-identical to the one built with everything installed."""
+    import subprocess
+    import sys
+
+    root, _, _ = corpus
+    out = tmp_path / "runtime_only"
+    subprocess.run([sys.executable, "-c", _BLOCK_EXTRAS, str(out)], check=True)
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    for f in files:
+        assert (root / f).read_bytes() == (out / f).read_bytes(), f

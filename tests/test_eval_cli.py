@@ -5,9 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.figure
 import pytest
 
+from ivcr_jax.data.schema import load_dialogues
 from ivcr_jax.eval.__main__ import main
+from ivcr_jax.eval.metrics import evaluate_predictions
+from ivcr_jax.eval.report import write_charts
 from test_eval_metrics import END_TO_END, EVALUATED, PER_TURN_CASCADE, PREDICTIONS, assert_metrics, assert_table, write_annotations
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +67,18 @@ def test_cli_writes_report_and_matches_hand_numbers(files, capsys):
     report = (out / "report.md").read_text()
     assert "| end_to_end | 20.00 | 80.00 | 60.00 | 60.00 | 40.00 |" in report
     assert "cascade" in report and "Response time" in report and "0.06 s" in report
-    for name in ("per_turn.png", "iou_hist.png", "latency.png"):
+    # The baselines beside the model, in metrics.json, report.md and the printed table: random R@1 over
+    # the 5 end-to-end retrieval turns = 4 × 1/10 / 5 (c1's GT is in no list); first stage: only b1's
+    # GT is candidate 1 → 1/5. Each explained in a line under the table.
+    assert m["baselines"]["random"]["end_to_end"]["R@1"] == pytest.approx(8.0)
+    assert m["baselines"]["first_stage"]["end_to_end"]["R@1"] == pytest.approx(20.0)
+    assert "| end_to_end · random guess | 8.00 | 80.00 |" in report
+    assert "| end_to_end · first stage only | 20.00 | 80.00 | – | – | – | – | – |" in report
+    assert "- random guess: the expected score" in report and "- first stage only: candidate 1" in report
+    assert "end_to_end · random guess" in printed and "first stage only: candidate 1" in printed
+    assert "| scope | R@1 | R@10 (annotation candidates) |" in report and "R@10 (annotation candidates)" in printed
+    assert "video length unknown for 5 of 5 moment turns" in report
+    for name in ("baselines.png", "per_turn.png", "iou_hist.png", "latency.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
         assert f"]({name})" in report
 
@@ -93,6 +108,8 @@ def test_malformed_line_is_an_error_naming_the_line(tmp_path, capsys):
     ('{"answer": "video 3"}', "missing or empty 'text_id'"),
     ('{"text_id": "a1"}', "needs a string 'answer'"),
     ('{"text_id": "a1", "answer": null}', "needs a string 'answer'"),
+    ('{"text_id": "a2", "answer": "x", "duration": -3}', "'duration' must be a positive number"),
+    ('{"text_id": "a1", "answer": "x", "gt_in_retrieved_top10": 1}', "'gt_in_retrieved_top10' must be true or false"),
 ])
 def test_other_malformed_lines(tmp_path, capsys, line, why):
     ann = write_annotations(tmp_path / "ivcr.json")
@@ -101,6 +118,46 @@ def test_other_malformed_lines(tmp_path, capsys, line, why):
     assert main(["--annotations", str(ann), "--predictions", str(pred), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"{pred}:2:" in err and why in err
+
+
+def test_r10_is_the_retrievers_when_the_predictions_say_so(tmp_path):
+    """A predictions file written with --index carries gt_in_retrieved_top10 per retrieval turn: R@10 is
+    then the retriever's recall, and the column says so; durations feed the random span."""
+    ann = write_annotations(tmp_path / "ivcr.json")
+    flags = {"a1": True, "a3": False, "b1": True, "e2": False}    # c1 has no line: a miss end to end
+    lines = [{"text_id": k, "answer": v, **({"gt_in_retrieved_top10": flags[k]} if k in flags else {}),
+              **({"duration": 20.0} if k == "b2" else {})} for k, v in PREDICTIONS.items()]
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["--annotations", str(ann), "--predictions", str(pred), "--out", str(out), "--no-charts"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["r10_candidates"] == "retriever"
+    assert m["evaluated"]["R@10"] == pytest.approx(50.0) and m["end_to_end"]["R@10"] == pytest.approx(40.0)
+    assert m["end_to_end"]["R@1"] == pytest.approx(END_TO_END["R@1"])           # the model row's R@1 is unchanged
+    assert m["baselines"]["durations"]["recorded"] == 1
+    report = (out / "report.md").read_text()
+    assert "| scope | R@1 | R@10 (retriever top-10) |" in report and "annotation candidates" not in report
+    assert "| end_to_end | 20.00 | 40.00 |" in report
+    assert "still show the annotation's candidates" in report
+
+
+def test_charts_start_at_zero_when_every_value_is_zero(tmp_path, monkeypatch):
+    """No prediction at all: every per-turn bar is 0; the % axes run 0…100, not −0.04…0.04."""
+    limits = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, path, *a, **kw):
+        limits[Path(path).name] = [ax.get_ylim() for ax in fig.axes]
+        return save(fig, path, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    dialogues, _ = load_dialogues(write_annotations(tmp_path / "ivcr.json"), split="test")
+    write_charts(evaluate_predictions(dialogues, {}), tmp_path / "charts")
+    assert limits["per_turn.png"] == [(0.0, 100.0), (0.0, 100.0)]
+    # Baselines chart: the model's bars are 0, the random guess's are not; the axis still starts at 0.
+    bottom, top = limits["baselines.png"][0]
+    assert bottom == 0.0 and 0 < top <= 105
 
 
 def test_python_dash_m_entry_point(files):

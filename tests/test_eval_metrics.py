@@ -6,6 +6,7 @@ predictions (see the comments), not by calling the code under test.
 import json
 import math
 
+import numpy as np
 import pytest
 import sacrebleu
 
@@ -15,6 +16,8 @@ from ivcr_jax.eval.metrics import (
     bleu4,
     evaluate_predictions,
     moment_recall,
+    random_span_miou,
+    random_span_recall,
     recall_at_1,
     recall_at_10,
 )
@@ -267,3 +270,108 @@ def test_chinese_answers_use_the_zh_tokenizer(tmp_path):
     # The Chinese intent sentences of Figure 8 are read; the GT index still comes from video_id.
     assert res["intent"]["per_kind"] == {"retrieval": 100.0, "moment": 100.0, "chat": 0.0}  # "你好！" has no intent
     assert res["end_to_end"]["R@10"] == 80.0
+
+
+# ---------------------------------------------------------------------------- baselines ---
+
+@pytest.mark.parametrize("tau", [0.3, 0.5, 0.7])
+def test_random_span_against_the_whole_video_is_closed_form(tau):
+    # GT = the whole video: IoU = (b - a) / D, and for two sorted uniforms P(b - a >= τD) = (1 - τ)²,
+    # E[(b - a) / D] = 1/3 — whatever the video's length.
+    for d in (1.0, 8.0, 37.5):
+        assert random_span_recall((0, d), d, tau) == pytest.approx((1 - tau) ** 2, abs=1e-12)
+        assert random_span_miou((0, d), d) == pytest.approx(1 / 3, abs=1e-12)
+    # A recorded duration shorter than the GT end is stretched to it (the span stays inside the video).
+    assert random_span_recall((0, 8), 5.0, tau) == pytest.approx((1 - tau) ** 2, abs=1e-12)
+    # A single-point GT is never matched; τ = 0 always is (IoU >= 0).
+    assert random_span_recall((4, 4), 10.0, tau) == 0.0 and random_span_miou((4, 4), 10.0) == 0.0
+    assert random_span_recall((2, 5), 10.0, 0.0) == 1.0
+
+
+@pytest.mark.parametrize("gt,d", [((2, 5), 10), ((0, 3), 10), ((7, 10), 10), ((4, 4.5), 10), ((1, 9), 10),
+                                  ((30, 95), 120)])
+def test_random_span_matches_a_seeded_monte_carlo(gt, d):
+    rng = np.random.default_rng(0)
+    ab = np.sort(rng.random((1_000_000, 2)) * d, axis=1)
+    a, b = ab[:, 0], ab[:, 1]
+    inter = np.clip(np.minimum(b, gt[1]) - np.maximum(a, gt[0]), 0, None)
+    sampled = inter / (np.maximum(b, gt[1]) - np.minimum(a, gt[0]))
+    for tau in (0.3, 0.5, 0.7):   # binomial sd <= 0.0005 at a million draws
+        assert random_span_recall(gt, d, tau) == pytest.approx(float((sampled >= tau).mean()), abs=0.003)
+    assert random_span_miou(gt, d) == pytest.approx(float(sampled.mean()), abs=0.002)
+    # The closed-form mean agrees with integrating the closed-form tail: E[IoU] = ∫ P(IoU >= τ) dτ.
+    taus = (np.arange(4000) + 0.5) / 4000
+    tail = np.mean([random_span_recall(gt, d, t) for t in taus])
+    assert random_span_miou(gt, d) == pytest.approx(tail, abs=1e-5)
+
+
+def _baseline_records():
+    # g0: retrieval, GT = candidate 1 | moment [0, 8] (duration 8 recorded) | retrieval, GT = candidate 5
+    # h0: retrieval whose GT is not among the candidates, though its answer says "video 4" | moment [0, 12]
+    h1 = _ret("h1", "A horse runs.", "r", None)
+    h1[1]["value"] += " It is video 4."
+    return [
+        {"id": "g0", "type": [1, 2], "split": "test", "conversations":
+            _ret("g1", "A boat sails.", "p", 1) + _mom("g2", "When?", "ActivityNet/p0.mp4", (0, 8))
+            + _ret("g3", "Another boat.", "q", 5)},
+        {"id": "h0", "type": [1, 2], "split": "test", "conversations":
+            h1 + _mom("h2", "When does it run?", "ActivityNet/r_missing.mp4", (0, 12))},
+    ]
+
+
+@pytest.fixture
+def baseline_dialogues(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(_baseline_records()), encoding="utf-8")
+    return load_dialogues(path, split="test")[0]
+
+
+BASELINE_PREDICTIONS = {"g1": "The given query happens in video 2.", "g2": "It happens in 0 - 8 seconds.",
+                        "g3": "The given query happens in video 5."}  # h1, h2 not answered
+
+
+def test_baselines_random_and_first_stage_over_the_model_rows_turns(baseline_dialogues):
+    res = evaluate_predictions(baseline_dialogues, BASELINE_PREDICTIONS, turn_fields={"g2": {"duration": 8.0}})
+    rnd, first = res["baselines"]["random"], res["baselines"]["first_stage"]
+    # Moments are both whole-video GTs: g2 by its recorded duration, h2 by the GT-end fallback (no
+    # duration recorded), so each turn scores (1 - τ)² and mIoU 1/3.
+    whole = {"R@1 IoU=0.3": 49.0, "R@1 IoU=0.5": 25.0, "R@1 IoU=0.7": 9.0, "mIoU": 100 / 3}
+    # End to end (g1, g3, h1 | g2, h2; unanswered turns count). R@1 reads the GT position as the
+    # model's R@1 does (video_id's place in the list, else the answer's "video N": h1 → 4), so random
+    # R@1 = (1/10 + 1/10 + 1/10) / 3 and first stage (GT position 1: g1 only) 1/3. R@10 asks the list:
+    # h1's video_id is not in it → 2/3, whatever its answer says.
+    assert_metrics(rnd["end_to_end"], {"n_retrieval": 3, "n_moment": 2, "R@1": 10.0, "R@10": 200 / 3,
+                                       **whole, "BLEU-4": None})
+    assert_metrics(first["end_to_end"], {"n_retrieval": 3, "n_moment": 2, "R@1": 100 / 3, "R@10": 200 / 3,
+                                         "R@1 IoU=0.3": None, "R@1 IoU=0.5": None, "R@1 IoU=0.7": None,
+                                         "mIoU": None, "BLEU-4": None})
+    # Evaluated (answered: g1, g3 | g2): random 1/10; first stage 1/2 (g1 yes, g3 no).
+    assert_metrics(rnd["evaluated"], {"n_retrieval": 2, "n_moment": 1, "R@1": 10.0, "R@10": 100.0, **whole})
+    assert_metrics(first["evaluated"], {"n_retrieval": 2, "R@1": 50.0, "R@1 IoU=0.5": None})
+    # The model's own row on the same turns: g3 hit, g1 miss; g2 IoU 1; R@10 as the baselines'.
+    assert_metrics(res["end_to_end"], {"R@1": 100 / 3, "R@10": 200 / 3, "R@1 IoU=0.5": 50.0})
+    assert res["baselines"]["durations"] == {**res["baselines"]["durations"], "moment_turns": 2, "recorded": 1,
+                                             "gt_end_fallback": 1}
+    assert res["r10_candidates"] == "annotation"
+    json.dumps(res)
+
+
+def test_a_recorded_duration_changes_the_random_span(baseline_dialogues):
+    # g2 = [0, 8] in a 16 s video is no longer the whole video: its chance drops below (1 - τ)².
+    res = evaluate_predictions(baseline_dialogues, BASELINE_PREDICTIONS, turn_fields={"g2": {"duration": 16.0}})
+    got = res["baselines"]["random"]["evaluated"]["R@1 IoU=0.5"]
+    assert got == pytest.approx(100 * random_span_recall((0, 8), 16.0, 0.5)) and got < 25.0 - 1
+
+
+def test_r10_counts_the_retrievers_top10_when_the_predictions_carry_it(baseline_dialogues):
+    fields = {"g1": {"gt_in_retrieved_top10": False}, "g3": {"gt_in_retrieved_top10": True}}
+    res = evaluate_predictions(baseline_dialogues, BASELINE_PREDICTIONS, turn_fields=fields)
+    assert res["r10_candidates"] == "retriever"
+    # g1 ✗, g3 ✓; end to end h1 has no predictions line: a miss.
+    assert res["evaluated"]["R@10"] == pytest.approx(50.0)
+    assert res["end_to_end"]["R@10"] == pytest.approx(100 / 3)
+    assert res["baselines"]["first_stage"]["end_to_end"]["R@10"] == pytest.approx(100 / 3)
+    # R@1 is unchanged: it re-ranks the annotation's list.
+    assert res["end_to_end"]["R@1"] == pytest.approx(100 / 3)
+    turns = {t["text_id"]: t for t in res["turns"]}
+    assert turns["g1"]["in_candidates"] is True and turns["g1"]["in_top10"] is False

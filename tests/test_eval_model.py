@@ -45,6 +45,9 @@ def test_eval_writes_predictions_metrics_report_and_timings(setup, tokenizer, tm
     for p in preds:
         assert isinstance(p["answer"], str) and p["new_tokens"] <= 8
         assert p["timings"]["retrieval"] == 0.0 and p["timings"]["prefill"] > 0 and p["timings"]["decode"] > 0
+        # moment turns record their decoded video's length (the random baseline's span lives in it)
+        assert ("duration" in p) == (p["kind"] == "moment") and p.get("duration", 1.0) > 0
+        assert "gt_in_retrieved_top10" not in p    # no --index
 
     metrics = json.loads((out / "metrics.json").read_text())
     for stage in ("retrieval", "prefill", "decode", "MLLM (prefill + decode)"):
@@ -52,6 +55,10 @@ def test_eval_writes_predictions_metrics_report_and_timings(setup, tokenizer, tm
         assert t["n"] == 3 and t["p50"] <= t["p95"] and t["mean"] >= 0
     assert metrics["generation"]["decoding"] == "greedy" and metrics["generation"]["answered"] == 3
     assert metrics["end_to_end"]["n_turns"] == len(ids) and metrics["evaluated"]["n_answered"] == 3
+    n_mom = sum(p["kind"] == "moment" for p in preds)
+    assert n_mom >= 1 and metrics["baselines"]["durations"]["recorded"] == n_mom
+    assert metrics["r10_candidates"] == "annotation"
+    assert set(metrics["baselines"]) == {"random", "first_stage", "durations"}
     report = (out / "report.md").read_text()
     assert "Response time per query" in report and "retrieval timing" in report
     assert (out / "per_turn.png").is_file() and (out / "latency.png").is_file()
@@ -101,6 +108,10 @@ def test_model_history_puts_the_models_answers_into_later_prompts(setup, tokeniz
     assert [p["kind"] for p in preds] == ["retrieval", "moment"]
     assert preds[0]["timings"]["retrieval"] >= 0.01 and preds[1]["timings"]["retrieval"] == 0.0
     assert metrics["generation"]["retrieval_timing"].startswith("retriever search")
+    # ... and R@10 is the retriever's: its top 10 ("x.mp4") never holds the GT, whatever the JSON's lists hold
+    assert preds[0]["gt_in_retrieved_top10"] is False and "gt_in_retrieved_top10" not in preds[1]
+    assert metrics["r10_candidates"] == "retriever" and metrics["evaluated"]["R@10"] == 0.0
+    assert "R@10 (retriever top-10)" in (out / "report.md").read_text()
 
 
 def test_main_reports_missing_inputs(setup, tmp_path, capsys):

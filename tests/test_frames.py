@@ -204,3 +204,29 @@ def test_normalize_uses_clip_mean_and_std():
     assert out.dtype == np.float32 and out.shape == px.shape
     expect = (px.astype(np.float64) / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
     np.testing.assert_allclose(out, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_a_cached_decode_gives_the_frames_of_a_direct_one(sample_videos, tmp_path):
+    """data.cache_videos: frames sampled from a whole-video decode equal load_frames' own."""
+    from ivcr_jax.data.frames import decode_video
+    from ivcr_jax.data.pipeline import RawVideos
+    from ivcr_jax.data.samples import VideoRequest
+
+    path = sample_videos["carphone_pristine"]
+    video = decode_video(path, size=56)
+    for mode, n in (("uniform", 16), ("random", 5), ("uniform", 500)):
+        a = load_frames(path, n, mode=mode, rng=np.random.default_rng(7), size=56)
+        b = video.frames(n, mode=mode, rng=np.random.default_rng(7))
+        np.testing.assert_array_equal(a.pixels, b.pixels)
+        np.testing.assert_array_equal(a.timestamps, b.timestamps)
+        assert (a.duration, a.fps) == (b.duration, b.fps)
+    raw = RawVideos(56, cache=1)
+    other = sample_videos["carphone_distorted"]
+    for p in (path, other, path):  # evicts and reloads
+        req = VideoRequest(video_id=p.name, path=str(p), num_frames=4, group="f4", role="candidate", turn=0, number=1)
+        f = raw.load(req, "uniform", None)
+        np.testing.assert_array_equal(f.pixels, load_frames(p, 4, size=56).pixels)
+    assert list(raw._decoded) == [str(path)]
+    with pytest.raises(VideoError, match="not found"):
+        raw.load(VideoRequest(video_id="gone.mp4", path=str(tmp_path / "gone.mp4"), num_frames=4, group="f4",
+                              role="candidate", turn=0, number=1), "uniform", None)

@@ -82,3 +82,27 @@ def test_dtypes_per_group_and_trainable_split():
     # reference-architecture §3: ≈ 241 M trainable (33.6 M LoRA); ViT-g 39 blocks ≈ 986 M + LLaMA-2-7B
     assert 200e6 < n_tr < 260e6, n_tr
     assert 7.5e9 < n_fr < 8.0e9, n_fr
+
+
+def test_fan_in_random_init_makes_the_video_tokens_depend_on_the_frames():
+    """init.random_init="fan_in" (the demo): N(0, 1/fan_in) weight matrices, LoRA untouched. With
+    HF's N(0, 0.02²) at width 64 the video tokens of two different clips are nearly equal (the
+    demo could not learn from them); with fan_in they differ (two noise clips: ~8 %, 2500x more)."""
+    cfg = build.model_config(load_config("configs/demo.py").model)
+    rel = {}
+    for init in ("bert", "fan_in"):
+        m = build.build_model(cfg, seed=0, random_init=init)
+        lora = [np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param)) if "lora_a" in str(p)]
+        a, b = (_group(1, 1, 16, 56, 12, s) for s in (1, 2))
+        b["timestamp_ids"] = a["timestamp_ids"]  # the same frame times, other pixels
+        va, vb = m.encode_videos(a), m.encode_videos(b)
+        rel[init] = float(jnp.abs(va - vb).mean() / jnp.abs(va).mean())
+        if init == "fan_in":
+            kern = np.asarray(m.llama_proj.kernel[...])
+            assert kern.std() == pytest.approx(kern.shape[0] ** -0.5, rel=0.1)
+        else:
+            lora_bert = lora
+    assert [x.tolist() for x in lora] == [x.tolist() for x in lora_bert]  # LoRA factors unchanged
+    assert rel["bert"] < 1e-3 and rel["fan_in"] > max(0.03, 100 * rel["bert"]), rel
+    with pytest.raises(ValueError, match="random_init"):
+        build.build_model(cfg, random_init="xavier")

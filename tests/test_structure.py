@@ -188,8 +188,8 @@ def test_unknown_config_keys_are_errors_with_suggestions(tmp_path):
     bad.write_text("import ml_collections as mlc\nimport importlib.util, pathlib\n"
                    f"spec = importlib.util.spec_from_file_location('p', {str(ROOT / 'configs' / 'paper.py')!r})\n"
                    "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-                   "def get_config(arg=''):\n    c = m.get_config('tiny')\n    c.train.eval_every = 5\n    return c\n")
-    with pytest.raises(cli.UsageError, match=r"config\.train\.eval_every: the config has no such key"):
+                   "def get_config(arg=''):\n    c = m.get_config('tiny')\n    c.train.eval_freq = 5\n    return c\n")
+    with pytest.raises(cli.UsageError, match=r"config\.train\.eval_freq: the config has no such key"):
         experiment.Experiment.resolve(cli.load_config(str(bad)))
     with pytest.raises(cli.UsageError, match="ckpt_every must be positive"):
         experiment.Experiment.resolve(cli.resolve("configs/demo.py", ["train.ckpt_every=0"]))

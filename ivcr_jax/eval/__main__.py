@@ -5,8 +5,10 @@
 
 The predictions file is JSONL, one ``{"text_id": ..., "answer": ...}`` per line (``"prediction"``
 is accepted for ``"answer"``; an optional ``"timings": {"retrieval": s, "prefill": s, "decode": s}``
-feeds the latency table). Any system's outputs can be scored this way, the PyTorch original's
-included. A malformed line stops the run with an error naming the line number; ``--skip-bad-lines``
+feeds the latency table; an optional ``"duration"`` (seconds, moment turns) is the video length of
+the random baseline's span, and ``"gt_in_retrieved_top10"`` (retrieval turns) makes R@10 the
+retriever's own recall instead of the annotation candidates'). Any system's outputs can be scored
+this way, the PyTorch original's included. A malformed line stops the run with an error naming the line number; ``--skip-bad-lines``
 skips such lines and reports how many. Writes ``metrics.json``, ``turn_scores.jsonl``, ``report.md``
 and PNG charts under ``--out`` and prints the metrics table.
 
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     # --- model-driven mode (ivcr_jax.eval.run_model) ---
     p.add_argument("--checkpoint", help="[model mode] converted weights or a training workdir")
     p.add_argument("--max-samples", type=int, help="[model mode] evaluate only the first N samples (dialogue order; 0 = all)")
-    p.add_argument("--index", help="[model mode] retriever index directory: time retrieval per retrieval turn")
+    p.add_argument("--index", help="[model mode] retriever index directory: search each retrieval turn's "
+                                  "question, time it, and count R@10 from the retriever's top 10")
     p.add_argument("--retriever-model", help="[model mode] exported X-Pool for --index")
     p.add_argument("--mesh", action="store_true", help="[model mode] shard the model over config.mesh")
     return p
@@ -74,12 +77,12 @@ def score_file(args) -> int:
     if not dialogues:
         raise UsageError(f"no dialogues of split {args.split!r} in {args.annotations}\n{load_report.summary()}")
     try:
-        preds, timings, stats = read_predictions(args.predictions, match=args.match,
-                                                 skip_bad_lines=args.skip_bad_lines)
+        preds, timings, stats, fields = read_predictions(args.predictions, match=args.match,
+                                                         skip_bad_lines=args.skip_bad_lines)
     except PredictionsFormatError as e:
         raise UsageError(str(e)) from None
     results = evaluate_predictions(dialogues, preds, history=args.history, match=args.match, lang=lang,
-                                   max_turn=args.max_turn)
+                                   max_turn=args.max_turn, turn_fields=fields)
     results["input"] = {
         "annotations": str(args.annotations),
         "split": args.split,

@@ -19,11 +19,23 @@ Differences from the reference, on purpose:
 * Predictions are matched by ``text_id``; ``match="question"`` reproduces the reference's matching
   by the exact user-question string (where one question string occurs in several turns, all of
   them receive the same prediction, as in the reference; the count is reported).
+* R@10 is whether the ground-truth ``video_id`` is in the candidate list the turn actually used:
+  the annotation's ``candidate_videos`` (the list the prompt shows), or, when the predictions file
+  says so per turn (``gt_in_retrieved_top10``, written by ``run_model`` with ``--index``), the
+  project's own retriever's top 10. ``results["r10_candidates"]`` says which.
+
+Baselines (``results["baselines"]``), over the same turns as the model's rows: ``random``, the
+**exact expectation** of a uniform choice among a retrieval turn's candidates and of a uniform
+random span (the sorted pair of two independent uniforms on ``[0, duration]``) on a moment turn
+(:func:`random_span_recall`, :func:`random_span_miou`: closed forms, no sampling); and
+``first_stage``, candidate 1 of the list as the answer (the first stage does not localise, so its
+moment metrics are None).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections import Counter, defaultdict
 from typing import Iterable, Mapping, Sequence
@@ -41,11 +53,17 @@ __all__ = [
     "evaluate_predictions",
     "read_predictions",
     "PredictionsFormatError",
+    "random_span_recall",
+    "random_span_miou",
+    "baselines",
     "THRESHOLDS",
 ]
 
 THRESHOLDS = (0.3, 0.5, 0.7)
 KINDS = ("retrieval", "moment", "chat")
+# Per-turn fields a predictions line may carry besides the answer (run_model writes them).
+RETRIEVED_FIELD = "gt_in_retrieved_top10"  # retrieval turns, --index: the GT is in the retriever's top 10
+TURN_FIELDS = {"duration": "a positive number (seconds)", RETRIEVED_FIELD: "true or false"}
 
 
 # ------------------------------------------------------------------------- basic metrics ---
@@ -69,6 +87,95 @@ def recall_at_10(gt_in_candidates: Sequence[bool]) -> float:
     if not gt_in_candidates:
         return 0.0
     return sum(1 for x in gt_in_candidates if x) / len(gt_in_candidates)
+
+
+def _clip(poly: list[tuple[float, float]], a: float, b: float, c: float) -> list[tuple[float, float]]:
+    """The part of the convex polygon ``poly`` where ``a x + b y + c >= 0`` (Sutherland–Hodgman)."""
+    out = []
+    for i, p in enumerate(poly):
+        q = poly[(i + 1) % len(poly)]
+        fp, fq = a * p[0] + b * p[1] + c, a * q[0] + b * q[1] + c
+        if fp >= 0:
+            out.append(p)
+        if (fp >= 0) != (fq >= 0):
+            t = fp / (fp - fq)
+            out.append((p[0] + t * (q[0] - p[0]), p[1] + t * (q[1] - p[1])))
+    return out
+
+
+def _area(poly: list[tuple[float, float]]) -> float:
+    """Shoelace area of a polygon (0 for fewer than three vertices)."""
+    n = len(poly)
+    return abs(sum(poly[i][0] * poly[(i + 1) % n][1] - poly[(i + 1) % n][0] * poly[i][1]
+                   for i in range(n))) / 2 if n >= 3 else 0.0
+
+
+def _unit_span(gt: Sequence[float], duration: float) -> tuple[float, float] | None:
+    """The ground-truth span as fractions of the video, ``None`` when the video has no length."""
+    s, e = sorted((float(gt[0]), float(gt[1])))
+    d = max(float(duration), e)
+    return None if d <= 0 else (max(s, 0.0) / d, e / d)
+
+
+def random_span_recall(gt: Sequence[float], duration: float, threshold: float) -> float:
+    """P(IoU >= ``threshold``) of a uniform random span against ``gt`` in a video of ``duration`` s.
+
+    The random span is the sorted pair (a, b) of two independent uniforms on ``[0, D]``
+    (``D = max(duration, gt end)``): density 2 on the triangle a < b of the unit square, after
+    scaling by D (IoU does not change). An overlapping span lies in one of four rectangles, by
+    where a falls against s and b against e; in each, IoU >= τ is one linear inequality:
+
+    * a <= s, b >= e (holds the GT):    L / (b - a) >= τ
+    * s <= a, b <= e (inside the GT):   (b - a) / L >= τ
+    * a <= s <= b <= e:                  (b - s) / (e - a) >= τ
+    * s <= a <= e <= b:                  (e - a) / (b - s) >= τ
+
+    so the probability is twice the summed areas of four convex polygons: exact, no sampling.
+    """
+    t = float(threshold)
+    if t <= 0:
+        return 1.0
+    if t > 1:
+        return 0.0
+    unit = _unit_span(gt, duration)
+    if unit is None:  # a zero-length video: both spans are the point 0, IoU 1
+        return 1.0
+    s, e = unit
+    L = e - s
+    rect = lambda x0, x1, y0, y1: [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+    parts = [(rect(0, s, e, 1), (1.0, -1.0, L / t)),
+             (rect(s, e, s, e), (-1.0, 1.0, -t * L)),
+             (rect(0, s, s, e), (t, 1.0, -s - t * e)),
+             (rect(s, e, e, 1), (-1.0, -t, e + t * s))]
+    return min(1.0, 2.0 * sum(_area(_clip(poly, *h)) for poly, h in parts))
+
+
+def _xlogx(x: float) -> float:
+    return x * math.log(x) if x > 0 else 0.0
+
+
+def random_span_miou(gt: Sequence[float], duration: float) -> float:
+    """E[IoU] of a uniform random span (as :func:`random_span_recall`) against ``gt``, in closed form.
+
+    With the video scaled to [0, 1], GT [s, e], L = e - s, density 2 on a < b, the four regions of
+    :func:`random_span_recall` integrate to
+
+    * holds the GT:  ∫∫ L / (b - a) = L (L ln L - e ln e - (1 - s) ln(1 - s))
+    * inside:        ∫∫ (b - a) / L = L² / 6
+    * left overlap:  ∫∫ (b - s) / (e - a) = L² / 2 · ln(e / L)
+    * right overlap: ∫∫ (e - a) / (b - s) = L² / 2 · ln((1 - s) / L)
+
+    and E[IoU] is twice their sum (GT = the whole video: 1/3, the mean length of a random span).
+    """
+    unit = _unit_span(gt, duration)
+    if unit is None:
+        return 1.0
+    s, e = unit
+    L = e - s
+    if L <= 0:
+        return 0.0
+    holds = L * (_xlogx(L) - _xlogx(e) - _xlogx(1 - s))
+    return 2.0 * (holds + L * L / 6 + L * L / 2 * (math.log(e / L) + math.log((1 - s) / L)))
 
 
 def moment_recall(ious: Sequence[float], thresholds: Iterable[float] = THRESHOLDS) -> dict[float, float]:
@@ -116,11 +223,14 @@ class TurnScore:
     gt_index: int | None = None
     pred_index: int | None = None
     hit: bool | None = None
-    in_top10: bool | None = None
+    n_candidates: int | None = None  # the annotation's list, the one the prompt shows
+    in_candidates: bool | None = None  # the GT video_id is in that list
+    in_top10: bool | None = None  # what R@10 counts: in_candidates, or the retriever's top 10 (--index)
     # moment turns
     gt_span: tuple[float, float] | None = None
     pred_span: tuple[float, float] | None = None
     iou: float | None = None
+    duration: float | None = None  # the video's length from the predictions file, None if unknown
     # the same, under the cascade rule (a failed retrieval turn fails every later turn)
     cascade_hit: bool | None = None
     cascade_iou: float | None = None
@@ -142,15 +252,30 @@ def _gt_index(turn) -> int | None:
     return parse_video_index(turn.answer)
 
 
-def score_turns(dialogues: Sequence, predictions: Mapping[str, str], *, match: str = "text_id") -> list[TurnScore]:
+def r10_candidates(turn_fields: Mapping[str, Mapping] | None) -> str:
+    """Which list R@10 counts: ``"retriever"`` when a predictions line carries the retriever's
+    top-10 flag (``run_model --index``), else ``"annotation"`` (the JSON's ``candidate_videos``)."""
+    return "retriever" if any(RETRIEVED_FIELD in f for f in (turn_fields or {}).values()) else "annotation"
+
+
+def score_turns(dialogues: Sequence, predictions: Mapping[str, str], *, match: str = "text_id",
+                turn_fields: Mapping[str, Mapping] | None = None) -> list[TurnScore]:
     """Score every turn of ``dialogues`` against ``predictions`` (key → answer text).
 
     Turns without a prediction are kept with ``answered=False`` and scored as failures. The cascade
     columns follow `conv_cal.py`: once a retrieval turn of a dialogue is not a hit (wrong, unparseable
     or unanswered), every later retrieval turn is a miss and every later moment turn has IoU 0.
+
+    ``turn_fields`` (key → the optional fields of its predictions line, :func:`read_predictions`):
+    ``duration`` is kept for the random baseline; when any retrieval turn carries
+    ``gt_in_retrieved_top10``, R@10 counts that flag (the retriever's top 10) on every retrieval
+    turn, a turn without it (no predictions line) as a miss. Otherwise R@10 counts whether the GT
+    ``video_id`` is in the turn's ``candidate_videos``.
     """
     if match not in ("text_id", "question"):
         raise ValueError(f"match must be 'text_id' or 'question', got {match!r}")
+    fields = turn_fields or {}
+    retrieved = r10_candidates(fields) == "retriever"
     scores: list[TurnScore] = []
     for d in dialogues:
         failed = False
@@ -164,7 +289,9 @@ def score_turns(dialogues: Sequence, predictions: Mapping[str, str], *, match: s
                 s.pred_intent = parse_intent(pred)
             if t.kind == "retrieval":
                 s.gt_index = _gt_index(t)
-                s.in_top10 = s.gt_index is not None
+                s.n_candidates = len(t.candidate_videos)
+                s.in_candidates = t.video_id is not None and t.video_id in t.candidate_videos
+                s.in_top10 = bool(fields.get(key, {}).get(RETRIEVED_FIELD, False)) if retrieved else s.in_candidates
                 s.pred_index = parse_video_index(pred) if pred is not None else None
                 s.hit = s.gt_index is not None and s.pred_index == s.gt_index
                 s.cascade_hit = s.hit and not failed
@@ -175,6 +302,7 @@ def score_turns(dialogues: Sequence, predictions: Mapping[str, str], *, match: s
                 s.pred_span = parse_moment(pred) if pred is not None else None
                 s.iou = iou(s.pred_span, s.gt_span)
                 s.cascade_iou = 0.0 if failed else s.iou
+                s.duration = fields.get(key, {}).get("duration")
             scores.append(s)
     return scores
 
@@ -210,6 +338,58 @@ def _summary(scores: Sequence[TurnScore], *, thresholds, lang: str, answered_onl
         b = bleu4([s.prediction or "" for s in pool], [s.reference for s in pool], lang=lang)
         out["BLEU-4"] = None if b is None else b.score / 100.0
         out["BLEU-4 (sacrebleu)"] = None if b is None else b.score
+    return out
+
+
+BASELINES = {
+    "random": "the expected score of a uniform choice among each retrieval turn's candidates and of a "
+              "uniform random span (sorted pair of two uniforms on [0, duration]) on each moment turn, "
+              "computed exactly (closed form, no sampling)",
+    "first_stage": "candidate 1 of each retrieval turn's list is the answer; the first stage does not "
+                   "localise moments (–)",
+}
+
+
+def _random_duration(s: TurnScore) -> float:
+    """The video length of the random span: the recorded duration, never shorter than the GT end."""
+    return max(float(s.gt_span[1]), float(s.duration or 0.0))
+
+
+def _baseline_summary(scores: Sequence[TurnScore], name: str, *, thresholds) -> dict:
+    """One baseline's headline metrics over ``scores`` (the model row's turns, answered or not)."""
+    ret = [s for s in scores if s.kind == "retrieval"]
+    mom = [s for s in scores if s.kind == "moment" and s.gt_span is not None]
+
+    def right(s: TurnScore) -> float:  # P(the baseline names the GT candidate)
+        n, g = s.n_candidates or 0, s.gt_index
+        if g is None or not 1 <= g <= n:
+            return 0.0
+        return 1.0 / n if name == "random" else float(g == 1)
+
+    mean = lambda xs: _pct(sum(xs) / len(xs)) if xs else None
+    out = {"n_retrieval": len(ret), "n_moment": len(mom),
+           "R@1": mean([right(s) for s in ret]),
+           # the candidate list is the model's own: a baseline choosing from it has the same R@10
+           "R@10": _pct(recall_at_10([bool(s.in_top10) for s in ret])) if ret else None}
+    for t in thresholds:
+        out[f"R@1 IoU={t:g}"] = (mean([random_span_recall(s.gt_span, _random_duration(s), t) for s in mom])
+                                 if name == "random" else None)
+    out["mIoU"] = mean([random_span_miou(s.gt_span, _random_duration(s)) for s in mom]) if name == "random" else None
+    out["BLEU-4"] = None
+    return out
+
+
+def baselines(scopes: Mapping[str, Sequence[TurnScore]], *, thresholds=THRESHOLDS) -> dict:
+    """The random and first-stage rows for each scope (name → its scored turns), and which video
+    lengths the random span used: recorded durations, or the GT end where none was recorded."""
+    out: dict = {name: {"description": desc, **{scope: _baseline_summary(ss, name, thresholds=thresholds)
+                                                 for scope, ss in scopes.items()}}
+                 for name, desc in BASELINES.items()}
+    mom = {id(s): s for ss in scopes.values() for s in ss if s.kind == "moment" and s.gt_span is not None}
+    known = sum(1 for s in mom.values() if s.duration)
+    out["durations"] = {"moment_turns": len(mom), "recorded": known, "gt_end_fallback": len(mom) - known,
+                        "rule": "D = max(GT end, the recorded duration); the GT end where none is recorded "
+                                "(as if the video ended with the GT: an approximation, not a bound)"}
     return out
 
 
@@ -264,6 +444,7 @@ def evaluate_predictions(
     lang: str = "en",
     thresholds: Sequence[float] = THRESHOLDS,
     max_turn: int = 7,
+    turn_fields: Mapping[str, Mapping] | None = None,
 ) -> dict:
     """Score ``predictions`` (``text_id`` → generated answer) against the annotation dialogues.
 
@@ -278,11 +459,15 @@ def evaluate_predictions(
         history, as the reference) or ``"model"`` (the model's own earlier answers). Scoring is the same.
       lang: "en" or "zh"; selects the BLEU tokenizer.
       max_turn: the last row of the per-turn tables collects turns ``>= max_turn``.
+      turn_fields: the optional per-turn fields of the predictions file (:func:`read_predictions`):
+        video durations for the random baseline, the retriever's top-10 flag for R@10.
 
     Returns a JSON-serialisable dict with ``evaluated`` and ``end_to_end`` headline metrics, the
-    per-turn tables (``per_turn`` and ``per_turn_cascade``, each for both scopes), ``intent``
-    accuracy, parse failures, matching statistics, and ``turns`` (one :class:`TurnScore` dict per
-    end-to-end turn). The reference's skip-first-sample bug is not reproduced.
+    ``baselines`` beside them (:func:`baselines`, the same scopes), ``r10_candidates`` (which list
+    R@10 counts: ``"annotation"`` or ``"retriever"``), the per-turn tables (``per_turn`` and
+    ``per_turn_cascade``, each for both scopes), ``intent`` accuracy, parse failures, matching
+    statistics, and ``turns`` (one :class:`TurnScore` dict per end-to-end turn). The reference's
+    skip-first-sample bug is not reproduced.
     """
     if history not in ("teacher", "model"):
         raise ValueError(f"history must be 'teacher' or 'model', got {history!r}")
@@ -290,7 +475,7 @@ def evaluate_predictions(
     universe = list(all_test_turns) if all_test_turns is not None else list(dialogues)
     subset = {d.index for d in dialogues}
 
-    scores = score_turns(universe, predictions, match=match)
+    scores = score_turns(universe, predictions, match=match, turn_fields=turn_fields)
     # Evaluated scope: the turns of `dialogues` that were answered.
     evaluated = [s for s in scores if s.answered and s.dialogue in subset]
 
@@ -308,6 +493,8 @@ def evaluate_predictions(
         "n_dialogues": {"evaluated": len(subset), "end_to_end": len(universe)},
         "evaluated": _summary(evaluated, thresholds=thresholds, lang=lang, answered_only=True),
         "end_to_end": _summary(scores, thresholds=thresholds, lang=lang, answered_only=False),
+        "baselines": baselines({"evaluated": evaluated, "end_to_end": scores}, thresholds=thresholds),
+        "r10_candidates": r10_candidates(turn_fields),
         "per_turn": {
             "evaluated": _per_turn(evaluated, thresholds=thresholds, max_turn=max_turn, cascade=False, lang=lang),
             "end_to_end": _per_turn(scores, thresholds=thresholds, max_turn=max_turn, cascade=False, lang=lang),
@@ -342,23 +529,33 @@ class PredictionsFormatError(ValueError):
     """A predictions file line that cannot be read; the message names the file and the line number."""
 
 
-def read_predictions(path: str | os.PathLike, *, match: str = "text_id",
-                     skip_bad_lines: bool = False) -> tuple[dict[str, str], dict[str, list[float]], dict]:
+def _turn_field_ok(name: str, v) -> bool:
+    if name == RETRIEVED_FIELD:
+        return isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def read_predictions(path: str | os.PathLike, *, match: str = "text_id", skip_bad_lines: bool = False
+                     ) -> tuple[dict[str, str], dict[str, list[float]], dict, dict[str, dict]]:
     """Read a predictions JSONL file: one ``{"text_id": ..., "answer": ...}`` object per line.
 
     ``"prediction"`` is accepted in place of ``"answer"``; with ``match="question"`` the key field is
     ``"question"`` (the reference's matching). An optional ``"timings"`` object per line
-    (``{"retrieval": s, "prefill": s, "decode": s}``) is collected per stage. Blank lines are ignored;
+    (``{"retrieval": s, "prefill": s, "decode": s}``) is collected per stage. The optional per-turn
+    fields of ``TURN_FIELDS`` (``duration`` of a moment turn's video in seconds,
+    ``gt_in_retrieved_top10`` of a retrieval turn) are collected per key. Blank lines are ignored;
     when a key occurs twice, the later line wins (a resumed run appends) and the repeat is counted.
 
-    A malformed line (not JSON, not an object, no key, no string answer) raises
-    :class:`PredictionsFormatError` naming ``path:line``; with ``skip_bad_lines`` it is skipped and
-    counted instead (``stats["bad_lines"]``, the first messages in ``stats["bad_line_examples"]``).
+    A malformed line (not JSON, not an object, no key, no string answer, a per-turn field of the
+    wrong type) raises :class:`PredictionsFormatError` naming ``path:line``; with ``skip_bad_lines``
+    it is skipped and counted instead (``stats["bad_lines"]``, the first messages in
+    ``stats["bad_line_examples"]``).
 
-    Returns ``(predictions, timings, stats)``.
+    Returns ``(predictions, timings, stats, turn_fields)``.
     """
     key_field = "text_id" if match == "text_id" else "question"
     preds: dict[str, str] = {}
+    fields: dict[str, dict] = {}
     timings: dict[str, list[float]] = defaultdict(list)
     stats = {"file": str(path), "lines": 0, "bad_lines": 0, "bad_line_examples": [], "duplicates": 0}
 
@@ -398,9 +595,17 @@ def read_predictions(path: str | os.PathLike, *, match: str = "text_id",
                     isinstance(v, (int, float)) and not isinstance(v, bool) for v in tm.values())):
                 bad(lineno, "'timings' must map stage names to seconds")
                 continue
+            given = [n for n in TURN_FIELDS if obj.get(n) is not None]  # null: not recorded
+            wrong = next((n for n in given if not _turn_field_ok(n, obj[n])), None)
+            if wrong is not None:
+                bad(lineno, f"{wrong!r} must be {TURN_FIELDS[wrong]}, got {obj[wrong]!r:.40}")
+                continue
             if key in preds:
                 stats["duplicates"] += 1
             preds[key] = obj[field]
+            fields.pop(key, None)
+            if given:
+                fields[key] = {n: obj[n] for n in given}
             for stage, sec in (tm or {}).items():
                 timings[stage].append(float(sec))
-    return preds, dict(timings), stats
+    return preds, dict(timings), stats, fields

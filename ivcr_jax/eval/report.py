@@ -1,6 +1,9 @@
 """Evaluation reports: metrics.json, report.md, a terminal table and PNG charts.
 
-The headline table has the columns of paper Table 2 (R@1, R@10, R@1 IoU=0.3/0.5/0.7, BLEU-4); the
+The headline table has the columns of paper Table 2 (R@1, R@10, R@1 IoU=0.3/0.5/0.7, BLEU-4), the
+model's rows followed, per scope, by the random-guess and first-stage-only baselines over the same
+turns (``metrics.baselines``), each explained in a line under the table; the R@10 header names the
+candidate list it counts (the annotation's, or the retriever's top 10 with ``--index``). The
 per-turn tables are paper Table 4, with the cascade variant of the older `conv_cal.py`
 (reference-architecture §8.5). Response times per stage ("retrieval", "prefill", "decode") are
 summarised as mean / p50 / p95 beside the paper's anchors (appendix Table 6, one RTX 4090: 0.06 s
@@ -48,6 +51,54 @@ def _headline_cols(results: Mapping) -> list[str]:
     return cols
 
 
+R10_LABELS = {"annotation": "R@10 (annotation candidates)", "retriever": "R@10 (retriever top-10)"}
+R10_NOTES = {
+    "annotation": "R@10 (annotation candidates): the GT video_id is in the turn's candidate_videos of the "
+                  "annotation file, the list the prompt shows; the same in every row, since choosing from a "
+                  "list does not change it.",
+    "retriever": "R@10 (retriever top-10): the GT video_id is among the project's retriever's top 10 for the "
+                 "turn's question (--index); a turn without a predictions line counts as a miss. The prompts "
+                 "still show the annotation's candidates, so R@1 (model and baselines) re-ranks those.",
+}
+BASELINE_LABELS = {"random": "random guess", "first_stage": "first stage only"}
+
+
+def _col_label(results: Mapping, c: str) -> str:
+    return R10_LABELS.get(results.get("r10_candidates", "annotation"), c) if c == "R@10" else c
+
+
+def _headline_rows(results: Mapping, cols: Sequence[str]) -> list[list[str]]:
+    """Per scope: the model's row, then each baseline's over the same turns."""
+    cells = lambda m: [_fmt(m.get(c), 4 if c == "BLEU-4" else 2) for c in cols]
+    rows = []
+    for scope in ("evaluated", "end_to_end"):
+        m = results[scope]
+        rows.append([scope, *cells(m), str(m["n_retrieval"]), str(m["n_moment"]), str(m["n_answered"])])
+        for name, label in BASELINE_LABELS.items():
+            b = results.get("baselines", {}).get(name, {}).get(scope)
+            if b is not None:
+                rows.append([f"{scope} · {label}", *cells(b), str(b["n_retrieval"]), str(b["n_moment"]), "–"])
+    return rows
+
+
+def _headline_notes(results: Mapping) -> list[str]:
+    """One line per baseline, the R@10 column, and where the random span's video lengths came from."""
+    bl = results.get("baselines", {})
+    notes = [f"{BASELINE_LABELS[k]}: {bl[k]['description']}; over the model row's turns."
+             for k in BASELINE_LABELS if k in bl]
+    notes.append(R10_NOTES[results.get("r10_candidates", "annotation")])
+    du = bl.get("durations")
+    if du and du["moment_turns"]:
+        if du["gt_end_fallback"]:
+            notes.append(f"random span: video length unknown for {du['gt_end_fallback']} of {du['moment_turns']} "
+                         "moment turns; there it is drawn on [0, GT end] (D = max(GT end, recorded duration)), "
+                         "as if the video ended with the GT, so those turns' random numbers are approximate.")
+        else:
+            notes.append(f"random span: on [0, duration], the durations recorded in the predictions file "
+                         f"({du['moment_turns']} moment turns).")
+    return notes
+
+
 def _per_turn_cols(results: Mapping) -> list[str]:
     th = results.get("thresholds", (0.3, 0.5, 0.7))
     return ["n_retrieval", "R@1", "n_moment", *(f"R@1 IoU={t:g}" for t in th), "mIoU"]
@@ -85,13 +136,9 @@ def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def format_table(results: Mapping, timings: Mapping[str, Sequence[float]] | None = None) -> str:
     """A plain-text summary for the terminal: headline rows, per-turn tables, intent, timings."""
     cols = _headline_cols(results)
-    parts = []
-    rows = []
-    for scope in ("evaluated", "end_to_end"):
-        m = results[scope]
-        rows.append([scope, *(_fmt(m.get(c), 4 if c == "BLEU-4" else 2) for c in cols),
-                     str(m["n_retrieval"]), str(m["n_moment"]), str(m["n_answered"])])
-    parts.append(_text_table(["scope", *cols, "n_ret", "n_mom", "n_answered"], rows))
+    parts = [_text_table(["scope", *(_col_label(results, c) for c in cols), "n_ret", "n_mom", "n_answered"],
+                         _headline_rows(results, cols))
+             + "\n" + "\n".join(_headline_notes(results))]
     ptc = _per_turn_cols(results)
     for key, title in (("per_turn", "per turn (end to end)"), ("per_turn_cascade", "per turn, cascade rule (end to end)")):
         trs = results[key]["end_to_end"]
@@ -131,13 +178,10 @@ def markdown_report(results: Mapping, timings: Mapping[str, Sequence[float]] | N
     lines += ["", "Recalls, mIoU and intent accuracy in %; BLEU-4 as a fraction (as in paper Table 2; "
               "sacrebleu score / 100). `evaluated`: turns with a prediction; `end_to_end`: every test "
               "turn, a missing prediction counting as a failure.", ""]
-    rows = []
-    for scope in ("evaluated", "end_to_end"):
-        m = results[scope]
-        rows.append([scope, *(_fmt(m.get(c), 4 if c == "BLEU-4" else 2) for c in cols),
-                     str(m["n_retrieval"]), str(m["n_moment"]), str(m["n_answered"])])
     lines += ["## Headline (paper Table 2 columns)", "",
-              _md_table(["scope", *cols, "retrieval turns", "moment turns", "answered"], rows), ""]
+              _md_table(["scope", *(_col_label(results, c) for c in cols), "retrieval turns", "moment turns",
+                         "answered"], _headline_rows(results, cols)), ""]
+    lines += [f"- {n}" for n in _headline_notes(results)] + [""]
     ptc = _per_turn_cols(results)
     for key, title_ in (("per_turn", "Per turn (paper Table 4, ground-truth history)"),
                         ("per_turn_cascade", "Per turn, cascade rule (a failed retrieval turn fails every later turn)")):
@@ -178,9 +222,32 @@ def markdown_report(results: Mapping, timings: Mapping[str, Sequence[float]] | N
 
 # --------------------------------------------------------------------------------- charts ---
 
+def _grouped_bars(ax, groups: Sequence[str], series: Mapping[str, Sequence[float | None]]) -> list[float]:
+    """One bar per series in each group (None drawn as 0); returns the heights drawn."""
+    x = np.arange(len(groups))
+    w = 0.8 / max(len(series), 1)
+    drawn = []
+    for i, (name, vals) in enumerate(series.items()):
+        vals = [0.0 if v is None else float(v) for v in vals]
+        ax.bar(x + (i - (len(series) - 1) / 2) * w, vals, w, label=name)
+        drawn += vals
+    ax.set_xticks(x, list(groups))
+    ax.grid(axis="y", alpha=0.3)
+    return drawn
+
+
+def _percent_axis(ax, values: Sequence[float]) -> None:
+    """A % axis from 0 (bars of 0 leave matplotlib a symmetric −0.04…0.04 axis) to a little above the
+    highest bar, 100 when every bar is 0."""
+    top = max(values, default=0.0)
+    ax.set_ylim(0.0, min(105.0, 1.15 * top) if top > 0 else 100.0)
+    ax.set_ylabel("%")
+
+
 def write_charts(results: Mapping, out_dir: str | Path,
                  timings: Mapping[str, Sequence[float]] | None = None) -> list[Path]:
-    """PNG charts: per-turn R@1 / IoU bars (plain and cascade), IoU histogram, latency box plot."""
+    """PNG charts: the model beside the baselines, per-turn R@1 / IoU bars (plain and cascade), IoU
+    histogram, latency box plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,19 +259,29 @@ def write_charts(results: Mapping, out_dir: str | Path,
     th = results.get("thresholds", (0.3, 0.5, 0.7))
     metrics = ["R@1", *(f"R@1 IoU={t:g}" for t in th)]
 
+    bl = results.get("baselines", {})
+    rows = {"model": results["end_to_end"], **{BASELINE_LABELS[k]: bl[k]["end_to_end"] for k in BASELINE_LABELS
+                                               if k in bl}}
+    shown = [*metrics, "mIoU"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = _grouped_bars(ax, shown, {name: [m.get(c) for c in shown] for name, m in rows.items()})
+    _percent_axis(ax, drawn)
+    ax.set_title("end to end: model and baselines (first stage: no moment answers)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / "baselines.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    written.append(p)
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    drawn = []
     for ax, key, name in zip(axes, ("per_turn", "per_turn_cascade"), ("ground-truth history", "cascade rule")):
-        rows = [r for r in results[key]["end_to_end"] if r["turn"] != "all"]
-        x = np.arange(len(rows))
-        w = 0.8 / len(metrics)
-        for i, m in enumerate(metrics):
-            vals = [r.get(m) if r.get(m) is not None else 0.0 for r in rows]
-            ax.bar(x + (i - (len(metrics) - 1) / 2) * w, vals, w, label=m)
-        ax.set_xticks(x, [r["turn"] for r in rows])
+        turns = [r for r in results[key]["end_to_end"] if r["turn"] != "all"]
+        drawn += _grouped_bars(ax, [r["turn"] for r in turns], {m: [r.get(m) for r in turns] for m in metrics})
         ax.set_xlabel("turn")
         ax.set_title(f"per turn, end to end ({name})")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("%")
+    _percent_axis(axes[0], drawn)  # sharey: both panels
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     p = out_dir / "per_turn.png"

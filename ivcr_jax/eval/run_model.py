@@ -17,7 +17,8 @@ Evaluation is deterministic: frames are sampled uniformly, decoding is greedy un
 (§8.5: random crops and frames, sampled decoding).
 
 Outputs under ``--out``: ``predictions.jsonl`` (``text_id``, ``answer``, ``timings`` in seconds per
-stage, and the turn's kind, prompt and answer lengths), then the files of the scorer
+stage, the turn's kind, prompt and answer lengths, and on moment turns the decoded video's
+``duration`` for the random baseline), then the files of the scorer
 (``metrics.json``, ``turn_scores.jsonl``, ``report.md``, PNG charts; ``ivcr_jax.eval.report``).
 
 Timings per query (paper appendix Table 6 reports retrieval 0.06 s and MLLM 0.59–0.80 s on an
@@ -25,8 +26,10 @@ RTX 4090):
 
 * ``retrieval``: 0 unless ``--index`` names a retriever index — the candidate lists come from the
   annotation JSON (X-Pool's top-10, precomputed). With an index, each retrieval turn's question is
-  searched (``ivcr_jax.retrieval.search.Retriever``) and timed; the prompt still shows the JSON's
-  candidates, which the ground truth refers to.
+  searched (``ivcr_jax.retrieval.search.Retriever``) and timed, and its line records
+  ``gt_in_retrieved_top10`` (the GT ``video_id`` among the retriever's top 10), from which the
+  scorer counts R@10. The prompt still shows the JSON's candidates, which the ground truth's
+  "video N" refers to, so R@1 is the re-ranking of those, not of the retriever's list.
 * ``prefill``: encoding the prompt's videos and the LLM pass over the prompt (``video_encode``
   gives the first part alone);
 * ``decode``: the decode loop. Compilation is excluded (reported separately in metrics.json).
@@ -40,24 +43,22 @@ combination met.
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 
 from ivcr_jax import checkpoints
 from ivcr_jax.cli import UsageError
-from ivcr_jax.data.frames import VideoError
-from ivcr_jax.data.prompts import PromptLoader, clean_answer
-from ivcr_jax.data.samples import SampleTooLong, enumerate_samples
-from ivcr_jax.eval.metrics import evaluate_predictions, read_predictions
+from ivcr_jax.data.prompts import PromptLoader
+from ivcr_jax.data.samples import enumerate_samples
+from ivcr_jax.eval.metrics import RETRIEVED_FIELD, evaluate_predictions, read_predictions
 from ivcr_jax.eval.report import publish
 from ivcr_jax.experiment import Experiment
 from ivcr_jax.models.generate import Generator
+from ivcr_jax.rollout import Skipped, answer_samples
 from ivcr_jax.retrieval.search import Retriever
 
 __all__ = ["evaluate_model", "run"]
@@ -65,41 +66,32 @@ __all__ = ["evaluate_model", "run"]
 
 # ------------------------------------------------------------------------------ the run ---
 
-def _chunks(refs: Sequence, batch_size: int):
-    """Batches of samples in waves of equal turn index, so a turn follows its dialogue's previous one."""
-    by_turn: dict[int, list] = collections.defaultdict(list)
-    for r in refs:
-        by_turn[r.turn_idx].append(r)
-    for t in sorted(by_turn):
-        wave = by_turn[t]
-        for b0 in range(0, len(wave), batch_size):
-            yield wave[b0:b0 + batch_size]
+def _moment_duration(prompt, turn_idx: int) -> float | None:
+    """The length (seconds) of the turn's own moment video, as decoded for the prompt."""
+    for v in prompt.sample.videos:
+        if v.role == "moment" and v.turn == turn_idx:
+            return float(prompt.frames[(v.path, v.num_frames)].duration)
+    return None
 
 
 def _record(ref, prompt, g, i: int, text: str, n: int, retriever) -> dict:
     """The predictions-file line of row ``i`` of generation ``g`` (``n`` real rows share its stage times)."""
     turn = ref.dialogue.turns[ref.turn_idx]
-    t_ret = 0.0
+    t_ret, extra = 0.0, {}
     if retriever is not None and turn.kind == "retrieval":
         t0 = time.perf_counter()
-        retriever.search([turn.question], 10)
+        ids, _ = retriever.search([turn.question], 10)
         t_ret = time.perf_counter() - t0
+        extra[RETRIEVED_FIELD] = turn.video_id in ids[0]
+    duration = _moment_duration(prompt, ref.turn_idx) if turn.kind == "moment" else None
+    if duration is not None and round(duration, 3) > 0:  # the scorer reads only positive lengths
+        extra["duration"] = round(duration, 3)
     return {"text_id": turn.text_id, "answer": text,
             "timings": {"retrieval": t_ret, "prefill": (g.encode_s + g.prefill_s) / n,
                         "decode": g.decode_s / n, "video_encode": g.encode_s / n},
             "dialogue_id": ref.dialogue.id, "turn": ref.turn_idx + 1, "kind": turn.kind,
             "prompt_tokens": int(g.prompt_lengths[i]), "new_tokens": int(g.lengths[i]),
-            "finished": bool(g.finished[i]), "history_turns_dropped": int(prompt.sample.dropped_turns)}
-
-
-def _with_history(dialogue, turn_idx: int, answers: Mapping[tuple[int, int], str]):
-    """``dialogue`` with the answers of turns before ``turn_idx`` replaced by the model's own."""
-    turns = list(dialogue.turns)
-    for j in range(turn_idx):
-        a = answers.get((dialogue.index, j))
-        if a is not None:
-            turns[j] = dataclasses.replace(turns[j], answer=a)
-    return dataclasses.replace(dialogue, turns=tuple(turns))
+            "finished": bool(g.finished[i]), "history_turns_dropped": int(prompt.sample.dropped_turns), **extra}
 
 
 def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str | Path, history: str = "teacher",
@@ -110,8 +102,6 @@ def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str 
 
     Returns ``{"predictions": path, "records": [...], "skipped": [...], "generation": {...}}``.
     """
-    if history not in ("teacher", "model"):
-        raise ValueError(f"history must be 'teacher' or 'model', got {history!r}")
     ec = exp.eval
     batch_size, max_new_tokens = int(ec.batch_size), int(ec.max_new_tokens)
     temperature, top_p, seed = float(ec.temperature), float(ec.top_p), exp.seed
@@ -121,39 +111,31 @@ def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str 
         refs = refs[: int(max_samples)]
     loader = PromptLoader(pcfg, tokenizer, video_slots=ec.video_slots)
     gen = Generator(model, max_new_tokens=max_new_tokens, buckets=pcfg.buckets, mesh=mesh)
-    key = jax.random.key(int(seed))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = out_dir / "predictions.jsonl"
 
-    answers: dict[tuple[int, int], str] = {}
     records, skipped = [], []
-    compile_s, n_batches, t_start = 0.0, 0, time.perf_counter()
+    compile_s, seen, t_start = 0.0, set(), time.perf_counter()
+    items = answer_samples(refs, loader, gen, tokenizer, batch_size=batch_size, history=history,
+                           temperature=temperature, top_p=top_p, key=jax.random.key(int(seed)))
     with open(pred_path, "w", encoding="utf-8") as f:
-        for chunk in _chunks(refs, batch_size):
-            prompts, refs_ok = [], []
-            for ref in chunk:
-                d = _with_history(ref.dialogue, ref.turn_idx, answers) if history == "model" else ref.dialogue
-                try:
-                    prompts.append(loader.prompt(d, ref.turn_idx, ref.sample_id))
-                    refs_ok.append(ref)
-                except (VideoError, SampleTooLong, ValueError) as e:  # ValueError: an unparseable prompt
-                    skipped.append({"text_id": ref.dialogue.turns[ref.turn_idx].text_id, "error": str(e)})
-                    log(f"skipped {ref.key}: {e}")
-            if not prompts:
+        for it in items:
+            if isinstance(it, Skipped):
+                skipped.append({"text_id": it.turn.text_id, "error": it.error})
+                log(f"skipped {it.ref.key}: {it.error}")
                 continue
-            g = gen(loader.batch(prompts, batch_size), temperature=temperature, top_p=top_p,
-                    key=jax.random.fold_in(key, n_batches))
-            n_batches += 1
-            compile_s += g.compile_s
-            for i, (ref, p, text) in enumerate(zip(refs_ok, prompts, g.texts(tokenizer))):
-                answers[(ref.dialogue.index, ref.turn_idx)] = clean_answer(text, tokenizer)
-                records.append(_record(ref, p, g, i, text, len(prompts), retriever))
-                f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
-            log(f"wave {refs_ok[0].turn_idx + 1}: {len(records)}/{len(refs)} samples "
-                f"(bucket {g.bucket}, video encoding {g.encode_s:.3f}s, prefill {g.prefill_s:.3f}s, "
-                f"decode {g.decode_s:.3f}s over {g.steps} steps"
-                + (f", compiled in {g.compile_s:.1f}s" if g.compile_s else "") + ")")
+            g = it.generation
+            records.append(_record(it.ref, it.prompt, g, it.row, it.text, it.rows, retriever))
+            f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
+            if id(g) not in seen:  # the first row of a batch: log the batch
+                seen.add(id(g))
+                compile_s += g.compile_s
+            if it.row == it.rows - 1:
+                log(f"wave {it.ref.turn_idx + 1}: {len(records)}/{len(refs)} samples "
+                    f"(bucket {g.bucket}, video encoding {g.encode_s:.3f}s, prefill {g.prefill_s:.3f}s, "
+                    f"decode {g.decode_s:.3f}s over {g.steps} steps"
+                    + (f", compiled in {g.compile_s:.1f}s" if g.compile_s else "") + ")")
     generation = {
         "max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p),
         "decoding": "greedy" if temperature <= 0 else "sampled", "seed": int(seed), "batch_size": int(batch_size),
@@ -163,8 +145,8 @@ def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str 
         "timings": ("per-query latency (batch size 1)" if batch_size == 1 else
                     f"batch stage time / real rows (batch size {batch_size})")
                    + "; prefill includes video_encode",
-        "retrieval_timing": ("retriever search per retrieval turn" if retriever is not None else
-                             "0: candidate lists read from the annotation JSON (no --index)"),
+        "retrieval_timing": ("retriever search per retrieval turn; R@10 from its top 10" if retriever is not None
+                             else "0: candidate lists read from the annotation JSON (no --index)"),
     }
     return {"predictions": pred_path, "records": records, "skipped": skipped, "generation": generation}
 
@@ -192,11 +174,12 @@ def evaluate_model(exp: Experiment, args, *, model=None, tokenizer=None) -> int:
     result = run(exp, model, tokenizer, dialogues, out_dir=out, history=args.history, max_samples=args.max_samples,
                  video_root=root, retriever=retriever, mesh=mesh)
 
-    preds, timings, _ = read_predictions(result["predictions"])
+    preds, timings, _, fields = read_predictions(result["predictions"])
     answered_dialogues = {r["dialogue_id"] for r in result["records"]}
     subset = [d for d in dialogues if d.id in answered_dialogues]
     results = evaluate_predictions(subset or dialogues, preds, all_test_turns=dialogues, history=args.history,
-                                   match="text_id", lang=exp.data.lang, max_turn=args.max_turn)
+                                   match="text_id", lang=exp.data.lang, max_turn=args.max_turn,
+                                   turn_fields=fields)
     gen = result["generation"]
     results["generation"] = gen
     results["input"] = {

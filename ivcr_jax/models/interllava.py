@@ -152,9 +152,10 @@ class InterLLaVA(nnx.Module):
         return sharding.constrain(emb, ("batch", "length", "embed"))
 
     def __call__(self, batch: Mapping[str, Any], *, rng: jax.Array | None = None,
-                 return_hidden: bool = False):
-        """Teacher-forced forward: returns the LLaMA output (``.logits [B, S, V]`` fp32)."""
+                 return_hidden: bool = False, logits_at: jax.Array | None = None):
+        """Teacher-forced forward: returns the LLaMA output (``.logits [B, S, V]`` fp32, or
+        ``[B, K, V]`` at the ``logits_at [B, K]`` positions only)."""
         r_vid, r_llm = (None, None) if rng is None else tuple(jax.random.split(rng))
         emb = self.input_embeddings(batch, r_vid)
         return self.llama(inputs_embeds=emb, attention_mask=batch["attention_mask"], rng=r_llm,
-                          return_hidden=return_hidden)
+                          return_hidden=return_hidden, logits_at=logits_at)

@@ -280,7 +280,7 @@ class Llama(nnx.Module):
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                  cache: KVCache | None = None, rng: jax.Array | None = None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, logits_at: jax.Array | None = None):
         """Run the decoder.
 
         Args:
@@ -295,6 +295,11 @@ class Llama(nnx.Module):
             one token per call).
           rng: dropout key for the LoRA adapters (None = deterministic).
           return_hidden: also return the final hidden states.
+          logits_at: ``[B, K]`` positions: the ``lm_head`` is applied there only and ``logits`` is
+            ``[B, K, V]`` (a negative position gives position 0's logits; the caller masks it).
+            Training uses the positions whose next token is supervised: the answers are a small
+            part of a prompt full of video tokens, and the vocabulary projection is most of the
+            step's work at small widths and most of its activation memory at 7B.
 
         Returns:
           :class:`LlamaOutput` ``(logits [B, S, V] fp32, hidden or None, updated cache or None)``;
@@ -354,7 +359,8 @@ class Llama(nnx.Module):
             w = self.embed_tokens.embedding[...].astype(self.dtype).T
         else:
             w = self.lm_head.kernel[...].astype(self.dtype)
-        logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
+        h_out = h if logits_at is None else jnp.take_along_axis(h, jnp.maximum(logits_at, 0)[..., None], axis=1)
+        logits = jnp.dot(h_out, w, preferred_element_type=jnp.float32)
         logits = sharding.constrain(logits, ("batch", "length", "vocab"))
         new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], valid=valid,
                                                        index=cache.index + S)

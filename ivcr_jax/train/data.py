@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 from ivcr_jax.data.pipeline import make_pipeline, pad_text
 from ivcr_jax.data.samples import enumerate_samples
 from ivcr_jax.experiment import Experiment
+from ivcr_jax.train.losses import loss_index
 
 
 @dataclasses.dataclass
@@ -38,6 +39,16 @@ def train_data(exp: Experiment, *, split: str = "train") -> Data:
     refs = enumerate_samples(dialogues, pc.sample)
     pipe = make_pipeline(pc, refs, train=True, seed=exp.seed, tokenizer=exp.tokenizer)
     return Data(iter(pipe), pipe, len(refs), report.summary())
+
+
+def with_loss_index(batch: dict) -> dict:
+    """Add ``loss_index`` (the positions whose next token is supervised, ``train.lm_head =
+    "supervised"``); with several processes its width is agreed like the text length."""
+    idx = loss_index(batch["labels"], batch.get("weight"))
+    if jax.process_count() > 1:
+        widest = int(np.max(multihost_utils.process_allgather(np.int32(idx.shape[1]))))
+        idx = loss_index(batch["labels"], batch.get("weight"), at_least=widest)
+    return {**batch, "loss_index": idx}
 
 
 def agree_text_length(batch: dict) -> dict:

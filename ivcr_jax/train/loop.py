@@ -24,6 +24,7 @@ from ivcr_jax.train import data as data_lib
 from ivcr_jax.train import logging as log_lib
 from ivcr_jax.train import optim, step as step_lib
 from ivcr_jax.train.aux import make_aux_mode
+from ivcr_jax.train.monitor import HeldOut
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -92,19 +93,32 @@ def train(exp: Experiment, workdir: str | Path, *, max_steps: int | None = None,
 
     # --- the compiled step ---
     aux = make_aux_mode(tc.aux_loss_mode, exp.tokenizer, alpha=tc.alpha, beta=tc.beta)
+    # The LM head only where the next token is supervised (the differentiable aux losses read
+    # logits everywhere: they get the full head).
+    supervised_head = tc.lm_head == "supervised" and not aux.batch_targets
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule, aux, rng_impl=exp.rng_impl))
 
+    # --- the held-out monitor ---
+    heldout = HeldOut(exp, graphdef, frozen, mesh) if tc.eval_every else None
+
     # --- loop: step, log, checkpoint ---
-    logger = log_lib.Logger(workdir, enabled=jax.process_index() == 0, total=total, start=start,
-                            progress=progress)
-    logger.info(f"trainable {n_train:,} / frozen {n_frozen:,} parameters; mesh {dict(mesh.shape)}; "
-                f"start step {start}")
+    lead = jax.process_index() == 0
+    if lead:
+        log_lib.save_config(exp.config, workdir / "config.json", resumed=start > 0, log=print)
+    title = (f"{workdir.name}: batch {tc.batch_size}, lr {tc.lr:g}, {total} steps, "
+             f"aux {tc.aux_loss_mode}")
+    logger = log_lib.Logger(workdir, enabled=lead, total=total, start=start, progress=progress,
+                            log_every=tc.log_every, title=title)
+    logger.info(log_lib.summary(exp, n_train, n_frozen, dict(mesh.shape), start, total, data.num_samples,
+                                len(heldout.refs) if heldout else 0))
     history = []
     with ckpt, _Preemption() as pre:
         for step in range(start, total):
             t0 = time.perf_counter()
-            host_batch = aux.prepare(next(data.iterator))
-            batch = sharding.to_device(data_lib.agree_text_length(host_batch), mesh)
+            host_batch = data_lib.agree_text_length(aux.prepare(next(data.iterator)))
+            if supervised_head:
+                host_batch = data_lib.with_loss_index(host_batch)
+            batch = sharding.to_device(host_batch, mesh)
             with sharding.use_mesh(mesh):
                 state, metrics, outputs = step_fn(state, frozen, batch)
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -119,8 +133,11 @@ def train(exp: Experiment, workdir: str | Path, *, max_steps: int | None = None,
             m["step_time"] = dt
             m["tokens_per_s"] = m["tokens"] / dt
             history.append({"step": step + 1, **m})
-            logger.step(step + 1, m)
             last = step + 1 == total
+            extra = None
+            if heldout is not None and ((step + 1) % tc.eval_every == 0 or last):
+                extra = heldout(state["params"])
+            logger.step(step + 1, m, extra)
             if (step + 1) % tc.ckpt_every == 0 or last or pre.requested or ckpt.reached_preemption(step + 1):
                 ckpt.save(step + 1, state, data.iterator, force=True)
             if pre.requested:

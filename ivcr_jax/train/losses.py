@@ -26,13 +26,19 @@ from jax.experimental import multihost_utils
 from ivcr_jax.data.answers import iou, parse_moment, parse_video_index
 
 
-def lm_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array | None = None):
+def lm_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array | None = None,
+            index: jax.Array | None = None):
     """Mean next-token CE over supervised positions → ``(loss, n_tokens)``.
 
     ``logits [B, S, V]`` fp32 predict token ``t+1`` at position ``t``; ``labels [B, S]`` hold
-    the target id at each position or −100.
+    the target id at each position or −100. With ``index [B, K]`` (``loss_index``: positions,
+    −1 = none) the logits are ``[B, K, V]`` at those positions only.
     """
-    logits, targets = logits[:, :-1], labels[:, 1:]
+    if index is None:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    else:
+        nxt = jnp.clip(index + 1, 0, labels.shape[1] - 1)
+        targets = jnp.where(index >= 0, jnp.take_along_axis(labels, nxt, axis=1), -100)
     mask = targets != -100
     if weight is not None:
         mask = mask & (weight[:, None] > 0)
@@ -41,6 +47,31 @@ def lm_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array | None = Non
     nll = jnp.where(mask, logz - tgt.astype(jnp.float32), 0.0)
     n = mask.sum()
     return nll.sum() / jnp.maximum(n, 1), n
+
+
+def loss_index(labels: np.ndarray, weight: np.ndarray | None = None, multiple: int = 64, at_least: int = 0) -> np.ndarray:
+    """``[B, K]`` positions whose next token is supervised (−1 padding); ``K`` is the longest row's
+    count rounded up to ``multiple`` (a few compiled shapes) and at least ``at_least``."""
+    labels = np.asarray(labels)
+    sup = labels[:, 1:] != -100
+    if weight is not None:
+        sup &= np.asarray(weight)[:, None] > 0
+    need = max(int(sup.sum(axis=1).max(initial=0)), int(at_least), 1)
+    K = min(-(-need // multiple) * multiple, labels.shape[1])
+    out = np.full((labels.shape[0], K), -1, np.int32)
+    for b, row in enumerate(sup):
+        pos = np.nonzero(row)[0]
+        out[b, :len(pos)] = pos
+    return out
+
+
+def scatter_predictions(pred: np.ndarray, index: np.ndarray, seq_len: int) -> np.ndarray:
+    """Argmax ids at ``loss_index`` positions ``[B, K]`` → ``[B, S]`` (0 elsewhere)."""
+    out = np.zeros((pred.shape[0], seq_len), np.int32)
+    for b in range(pred.shape[0]):
+        ok = index[b] >= 0
+        out[b, index[b][ok]] = pred[b][ok]
+    return out
 
 
 def predicted_answer_ids(pred: np.ndarray, labels: np.ndarray) -> list[list[int]]:

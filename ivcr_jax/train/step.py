@@ -46,7 +46,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
         def loss_fn(params):
             model = nnx.merge(graphdef, params, frozen)
             logits, extra = aux.forward(model, batch, rng)
-            lm, ntok = L.lm_loss(logits, batch["labels"], batch.get("weight"))
+            lm, ntok = L.lm_loss(logits, batch["labels"], batch.get("weight"), batch.get("loss_index"))
             parts, total = {"lm": lm}, lm
             for name, (weight, value) in aux.terms(logits, extra, batch).items():
                 parts[name] = value
