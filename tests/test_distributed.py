@@ -31,6 +31,7 @@ def _cmd(corpus, workdir, max_steps):
     return [sys.executable, "-m", "ivcr_jax.train", "--config", "configs/demo.py",
             "--workdir", str(workdir), f"--config.data.annotations={corpus}/ivcr.json",
             "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.train.ckpt_every=2",
+            "--config.train.log_every=1", "--config.train.eval_every=0",   # a row per step, no monitor
             f"--max_steps={max_steps}"]
 
 

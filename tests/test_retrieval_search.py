@@ -162,8 +162,9 @@ def test_training_on_demo_corpus_lifts_recall_and_resumes(tmp_path):
     """Colour-histogram frame features + hashed-word text features of the demo corpus (44 videos).
 
     The two feature spaces are unrelated before training (chance R@10 = 10/44 = 23 %); X-Pool's
-    projections have to learn the map from colours to words. Measured after 40 steps: test (14
-    held-out questions) R@10 71 % (identity-initialised X-Pool: 29 %), train R@10 88 %.
+    projections have to learn the map from colours to words. Measured after 40 steps (corpus
+    generator v4, 40 generated clips): loss 3.79 -> 1.94, test (20 held-out questions, clips never
+    seen in training) R@10 60 %.
     """
     from ivcr_jax.cli import load_config
     from ivcr_jax.data.demo import build_demo_corpus
@@ -171,7 +172,7 @@ def test_training_on_demo_corpus_lifts_recall_and_resumes(tmp_path):
     from ivcr_jax.retrieval.index import build_index
     from ivcr_jax.retrieval.train import retrieval_pairs, train
 
-    corpus = build_demo_corpus(tmp_path / "demo", seed=0)
+    corpus = build_demo_corpus(tmp_path / "demo", seed=0, num_generated=40)
     cfg = load_config("configs/xpool.py:tiny")
     build_index(corpus, tmp_path / "idx", extractor_from_spec(cfg.index.extractor), shard_size=16, log=None)
     index = VideoIndex.load(tmp_path / "idx")
@@ -185,7 +186,7 @@ def test_training_on_demo_corpus_lifts_recall_and_resumes(tmp_path):
     cfg.train.ckpt_every = 10
     res = train(cfg, tmp_path / "idx", corpus / "ivcr.json", tmp_path / "run", log=lambda s: None)
     ev = res["eval"]
-    assert res["step"] == 40 and res["losses"][-1] < 0.5 * res["losses"][0]
+    assert res["step"] == 40 and res["losses"][-1] < 0.55 * res["losses"][0]
     assert ev["xpool/R10"] >= 45.0 and ev["xpool/R10"] >= before["R10"] + 20.0, (before, ev)
     assert ev["two_stage/R10"] == ev["xpool/R10"]                      # rerank_k (100) >= 44 videos
     train_texts, train_rows = retrieval_pairs(corpus / "ivcr.json", index, "train")
@@ -195,7 +196,7 @@ def test_training_on_demo_corpus_lifts_recall_and_resumes(tmp_path):
     # the exported model drives the retriever that writes candidate lists for the LLM stage
     ret = Retriever.load(tmp_path / "idx", tmp_path / "run")
     stats = write_candidates(corpus / "ivcr.json", None, None, tmp_path / "cands.json", retriever=ret)
-    assert stats["turns"] == 86 and stats["R10"] > 60.0
+    assert stats["turns"] == 90 and stats["R10"] > 60.0
 
     # a run killed at step 20 (before its checkpoint) resumes from step 10 with the same losses
     def die(msg):

@@ -24,7 +24,7 @@ from ivcr_jax.train.loop import NonFiniteLoss, train
 def _config(corpus, **train) -> Experiment:
     c = load_config("configs/demo.py")
     c.data.annotations = str(Path(corpus) / "ivcr.json")
-    c.train.update(dict(steps=8, ckpt_every=4, warmup_steps=2), **train)
+    c.train.update(dict(steps=8, ckpt_every=4, warmup_steps=2, log_every=1, eval_every=0), **train)
     # The paper's trainable set (LoRA over a frozen LLM), not the demo's (which trains the tiny LLM).
     c.trainable = load_config("configs/paper.py:tiny").trainable
     c.mesh.update(data=2, num_devices=2)     # data-parallel over 2 of the 8 fake CPU devices
@@ -69,7 +69,7 @@ def test_an_interrupted_save_is_never_restored(demo_corpus, straight, tmp_path):
 
 def test_frozen_parameters_bit_identical_and_trainable_changed(demo_corpus, straight):
     cfg = _config(demo_corpus)
-    fresh = build.build_model(cfg.model, seed=cfg.seed)
+    fresh = build.build_model(cfg.model, seed=cfg.seed, random_init=cfg.init.random_init)
     _, p0, f0 = nnx.split(fresh, trainable_filter(cfg.trainable), ...)
     p1, f1 = straight["state"]["params"], straight["frozen"]
     frozen_same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), f0, f1)

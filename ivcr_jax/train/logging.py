@@ -37,7 +37,9 @@ class Logger:
         else:
             print(msg, flush=True)
 
-    def step(self, step: int, metrics: Mapping[str, float], extra: Mapping[str, float] | None = None):
+    def step(self, step: int, metrics: Mapping[str, float], extra: Mapping[str, float] | None = None,
+             flush: bool = False):
+        """Record one step; ``flush`` writes its row now (the run stops after this step)."""
         if not self.enabled:
             return
         self._window.append(metrics)
@@ -45,7 +47,7 @@ class Logger:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", lm=f"{metrics.get('loss/lm', 0):.4f}",
                                   tok_s=f"{metrics.get('tokens_per_s', 0):.0f}", refresh=False)
-        if step == 1 or step % self.log_every == 0 or step == self.total or extra:
+        if flush or step == 1 or step % self.log_every == 0 or step == self.total or extra:
             keys = list(dict.fromkeys(k for m in self._window for k in m))
             row = {k: sum(m[k] for m in self._window if k in m) / sum(k in m for m in self._window)
                    for k in keys}
@@ -110,7 +112,7 @@ def summary(exp, n_train: int, n_frozen: int, mesh: dict, start: int, total: int
         f"({', '.join(exp.trainable)})",
         f"data: {d.annotations} ({samples} training samples), frames {d.retrieval_frames} per candidate / "
         f"{d.moment_frames} per moment video at {d.frame_size} px",
-        f"train: steps {start} -> {total}, batch {tc.batch_size} x accum {tc.grad_accum}, lr {tc.lr:g} "
+        f"train: start step {start}, {total} steps, batch {tc.batch_size} x accum {tc.grad_accum}, lr {tc.lr:g} "
         f"(warmup {tc.warmup_steps}, min {tc.min_lr:g}), aux {tc.aux_loss_mode}, mesh {mesh}",
         f"logs: a row every {tc.log_every} steps, checkpoint every {tc.ckpt_every}, "
         + (f"held-out monitor every {tc.eval_every} steps on {heldout} {tc.eval_split} samples"

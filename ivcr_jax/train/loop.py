@@ -99,7 +99,11 @@ def train(exp: Experiment, workdir: str | Path, *, max_steps: int | None = None,
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule, aux, rng_impl=exp.rng_impl))
 
     # --- the held-out monitor ---
-    heldout = HeldOut(exp, graphdef, frozen, mesh) if tc.eval_every else None
+    # (one process only: generation over a mesh spanning processes is not supported yet)
+    heldout = HeldOut(exp, graphdef, frozen, mesh) if tc.eval_every and jax.process_count() == 1 else None
+    if tc.eval_every and heldout is None and jax.process_index() == 0:
+        print(f"note: train.eval_every={tc.eval_every} is ignored with {jax.process_count()} processes "
+              f"(the held-out monitor runs in single-process training)")
 
     # --- loop: step, log, checkpoint ---
     lead = jax.process_index() == 0
@@ -137,10 +141,12 @@ def train(exp: Experiment, workdir: str | Path, *, max_steps: int | None = None,
             extra = None
             if heldout is not None and ((step + 1) % tc.eval_every == 0 or last):
                 extra = heldout(state["params"])
-            logger.step(step + 1, m, extra)
-            if (step + 1) % tc.ckpt_every == 0 or last or pre.requested or ckpt.reached_preemption(step + 1):
+            stop = pre.requested   # read once: the signal may arrive at any time
+            save = (step + 1) % tc.ckpt_every == 0 or last or stop or ckpt.reached_preemption(step + 1)
+            logger.step(step + 1, m, extra, flush=save)   # a saved step always has its metrics row
+            if save:
                 ckpt.save(step + 1, state, data.iterator, force=True)
-            if pre.requested:
+            if stop:
                 logger.info(f"SIGTERM: saved step {step + 1}, exiting")
                 break
     logger.close(data.report())
