@@ -116,7 +116,7 @@ def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str 
     pred_path = out_dir / "predictions.jsonl"
 
     records, skipped = [], []
-    compile_s, seen, t_start = 0.0, set(), time.perf_counter()
+    compile_s, t_start = 0.0, time.perf_counter()
     items = answer_samples(refs, loader, gen, tokenizer, batch_size=batch_size, history=history,
                            temperature=temperature, top_p=top_p, key=jax.random.key(int(seed)))
     with open(pred_path, "w", encoding="utf-8") as f:
@@ -128,8 +128,7 @@ def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str 
             g = it.generation
             records.append(_record(it.ref, it.prompt, g, it.row, it.text, it.rows, retriever))
             f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
-            if id(g) not in seen:  # the first row of a batch: log the batch
-                seen.add(id(g))
+            if it.row == 0:  # once per batch
                 compile_s += g.compile_s
             if it.row == it.rows - 1:
                 log(f"wave {it.ref.turn_idx + 1}: {len(records)}/{len(refs)} samples "

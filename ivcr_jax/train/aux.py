@@ -18,7 +18,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ivcr_jax import sharding
 from ivcr_jax.train import aux_losses, losses
@@ -66,11 +65,8 @@ class Faithful(Off):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def report(self, metrics: dict, outputs, host_batch, mesh) -> None:
-        pred = np.asarray(sharding.to_host_local(outputs, mesh))
-        if "loss_index" in host_batch:
-            pred = losses.scatter_predictions(pred, np.asarray(host_batch["loss_index"]),
-                                              np.asarray(host_batch["labels"]).shape[1])
-        aux = losses.combine_across_processes(losses.faithful_aux(pred, host_batch, self.tokenizer))
+        aux = losses.combine_across_processes(
+            losses.faithful_aux(sharding.to_host_local(outputs, mesh), host_batch, self.tokenizer))
         metrics["loss/video"], metrics["loss/moment"] = aux["video"], aux["moment"]
         metrics["loss"] = metrics["loss/lm"] + self.alpha * aux["video"] + self.beta * aux["moment"]
 

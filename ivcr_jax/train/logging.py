@@ -9,6 +9,8 @@ import matplotlib
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from ivcr_jax.cli import leaf_paths
+
 
 class Logger:
     """Progress bar every step; a metrics row (the mean over the steps since the last row) at step
@@ -84,22 +86,12 @@ def save_config(config, path: Path, *, resumed: bool, log=print) -> None:
         except ValueError:
             old = None
         if old is not None and old != new:
-            flat_old, flat_new = _flat(old), _flat(new)
+            flat_old, flat_new = leaf_paths(old), leaf_paths(new)
             changed = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
             log(f"note: resuming with a config that differs from {path} in: "
                 + ", ".join(f"{k} ({flat_old.get(k)!r} -> {flat_new.get(k)!r})" for k in changed[:8])
                 + (" ..." if len(changed) > 8 else ""))
     path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def summary(exp, n_train: int, n_frozen: int, mesh: dict, start: int, total: int, samples: int,

@@ -65,17 +65,11 @@ def loss_index(labels: np.ndarray, weight: np.ndarray | None = None, multiple: i
     return out
 
 
-def scatter_predictions(pred: np.ndarray, index: np.ndarray, seq_len: int) -> np.ndarray:
-    """Argmax ids at ``loss_index`` positions ``[B, K]`` → ``[B, S]`` (0 elsewhere)."""
-    out = np.zeros((pred.shape[0], seq_len), np.int32)
-    for b in range(pred.shape[0]):
-        ok = index[b] >= 0
-        out[b, index[b][ok]] = pred[b][ok]
-    return out
-
-
-def predicted_answer_ids(pred: np.ndarray, labels: np.ndarray) -> list[list[int]]:
-    """Argmax ids that predict each sample's supervised tokens (teacher forcing)."""
+def predicted_answer_ids(pred: np.ndarray, labels: np.ndarray, index: np.ndarray | None = None) -> list[list[int]]:
+    """Argmax ids that predict each sample's supervised tokens (teacher forcing). ``pred`` is
+    ``[B, S]``, or ``[B, K]`` at the ``index`` (``loss_index``) positions."""
+    if index is not None:
+        return [[int(x) for x in p[i >= 0]] for p, i in zip(np.asarray(pred), np.asarray(index))]
     out = []
     for p, lab in zip(pred, labels):
         pos = np.nonzero(lab[1:] != -100)[0]   # target index t+1 is predicted at t
@@ -92,7 +86,7 @@ def faithful_aux(pred_ids: np.ndarray, batch: Mapping[str, Any], tokenizer) -> d
     """The reference's L_V and L_C for one batch, from argmax ids (host side, no gradient)."""
     kinds = np.asarray(batch["kind"])
     weight = np.asarray(batch.get("weight", np.ones(len(kinds))))
-    answers = predicted_answer_ids(np.asarray(pred_ids), np.asarray(batch["labels"]))
+    answers = predicted_answer_ids(np.asarray(pred_ids), np.asarray(batch["labels"]), batch.get("loss_index"))
     video, moment = [], []
     for i, ids in enumerate(answers):
         if weight[i] <= 0:
