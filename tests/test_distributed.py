@@ -32,6 +32,7 @@ def _cmd(corpus, workdir, max_steps):
             "--workdir", str(workdir), f"--config.data.annotations={corpus}/ivcr.json",
             "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.train.ckpt_every=2",
             "--config.train.log_every=1", "--config.train.eval_every=0",   # a row per step, no monitor
+            "--config.model.llm.layers=1",             # a smaller graph: 3 runs compile the step
             f"--max_steps={max_steps}"]
 
 

@@ -16,6 +16,7 @@ from ivcr_jax.eval.metrics import (
     bleu4,
     evaluate_predictions,
     moment_recall,
+    prior_span,
     random_span_miou,
     random_span_recall,
     recall_at_1,
@@ -354,6 +355,24 @@ def test_baselines_random_and_first_stage_over_the_model_rows_turns(baseline_dia
                                              "gt_end_fallback": 1}
     assert res["r10_candidates"] == "annotation"
     json.dumps(res)
+
+
+def test_the_prior_span_baseline_is_the_training_mean_span(tmp_path, baseline_dialogues):
+    # Training moments [2, 6] and [4, 10] → the constant span [3, 8] on every test moment turn:
+    # g2 = [0, 8]: IoU 5/8; h2 = [0, 12]: IoU 5/12.
+    train = [{"id": f"t{i}", "type": [2], "split": "train", "conversations":
+              _mom(f"t{i}", "When?", "ActivityNet/p0.mp4", span)} for i, span in enumerate([(2, 6), (4, 10)])]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(train + _baseline_records()), encoding="utf-8")
+    prior = prior_span(load_dialogues(path, split="train")[0])
+    assert prior == pytest.approx((3.0, 8.0))
+    res = evaluate_predictions(baseline_dialogues, BASELINE_PREDICTIONS, prior=prior)
+    got = res["baselines"]["prior_span"]
+    assert_metrics(got["end_to_end"], {"n_moment": 2, "R@1": None, "R@1 IoU=0.3": 100.0, "R@1 IoU=0.5": 50.0,
+                                       "R@1 IoU=0.7": 0.0, "mIoU": 100 * (5 / 8 + 5 / 12) / 2})
+    assert_metrics(got["evaluated"], {"n_moment": 1, "R@1 IoU=0.5": 100.0, "mIoU": 62.5})
+    assert "prior_span" not in evaluate_predictions(baseline_dialogues, BASELINE_PREDICTIONS)["baselines"]
+    assert prior_span([]) is None
 
 
 def test_a_recorded_duration_changes_the_random_span(baseline_dialogues):

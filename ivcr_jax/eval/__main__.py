@@ -29,7 +29,7 @@ from pathlib import Path
 from ivcr_jax import cli
 from ivcr_jax.cli import UsageError
 from ivcr_jax.data.schema import load_dialogues
-from ivcr_jax.eval.metrics import PredictionsFormatError, evaluate_predictions, read_predictions
+from ivcr_jax.eval.metrics import PredictionsFormatError, evaluate_predictions, prior_span, read_predictions
 from ivcr_jax.eval.report import publish
 from ivcr_jax.eval.run_model import evaluate_model
 from ivcr_jax.experiment import Experiment
@@ -81,8 +81,10 @@ def score_file(args) -> int:
                                                          skip_bad_lines=args.skip_bad_lines)
     except PredictionsFormatError as e:
         raise UsageError(str(e)) from None
+    train_dialogues, _ = load_dialogues(args.annotations, split="train", lang=lang)
     results = evaluate_predictions(dialogues, preds, history=args.history, match=args.match, lang=lang,
-                                   max_turn=args.max_turn, turn_fields=fields)
+                                   max_turn=args.max_turn, turn_fields=fields,
+                                   prior=prior_span(train_dialogues))
     results["input"] = {
         "annotations": str(args.annotations),
         "split": args.split,

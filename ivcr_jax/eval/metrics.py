@@ -56,6 +56,7 @@ __all__ = [
     "random_span_recall",
     "random_span_miou",
     "baselines",
+    "prior_span",
     "THRESHOLDS",
 ]
 
@@ -347,7 +348,19 @@ BASELINES = {
               "computed exactly (closed form, no sampling)",
     "first_stage": "candidate 1 of each retrieval turn's list is the answer; the first stage does not "
                    "localise moments (–)",
+    "prior_span": "one constant span on every moment turn, the mean ground-truth start and end of the "
+                  "training split's moment turns (what a model that ignores the video can learn); no "
+                  "retrieval answers (–)",
 }
+
+
+def prior_span(dialogues: Sequence) -> tuple[float, float] | None:
+    """``(mean start, mean end)`` in seconds of the moment turns' ``gt_se`` in ``dialogues`` (the
+    training split), or None when there is none: the span of the ``prior_span`` baseline."""
+    spans = [sorted(t.gt_se) for d in dialogues for t in d.turns if t.kind == "moment" and t.gt_se is not None]
+    if not spans:
+        return None
+    return (sum(s for s, _ in spans) / len(spans), sum(e for _, e in spans) / len(spans))
 
 
 def _random_duration(s: TurnScore) -> float:
@@ -355,10 +368,19 @@ def _random_duration(s: TurnScore) -> float:
     return max(float(s.gt_span[1]), float(s.duration or 0.0))
 
 
-def _baseline_summary(scores: Sequence[TurnScore], name: str, *, thresholds) -> dict:
+def _baseline_summary(scores: Sequence[TurnScore], name: str, *, thresholds, prior=None) -> dict:
     """One baseline's headline metrics over ``scores`` (the model row's turns, answered or not)."""
     ret = [s for s in scores if s.kind == "retrieval"]
     mom = [s for s in scores if s.kind == "moment" and s.gt_span is not None]
+    mean = lambda xs: _pct(sum(xs) / len(xs)) if xs else None
+    if name == "prior_span":
+        ious = [iou(prior, s.gt_span) for s in mom]
+        out = {"n_retrieval": len(ret), "n_moment": len(mom), "R@1": None, "R@10": None,
+               "span": [round(float(x), 3) for x in prior]}
+        for t in thresholds:
+            out[f"R@1 IoU={t:g}"] = mean([float(v >= t) for v in ious])
+        out["mIoU"], out["BLEU-4"] = mean(ious), None
+        return out
 
     def right(s: TurnScore) -> float:  # P(the baseline names the GT candidate)
         n, g = s.n_candidates or 0, s.gt_index
@@ -366,7 +388,6 @@ def _baseline_summary(scores: Sequence[TurnScore], name: str, *, thresholds) -> 
             return 0.0
         return 1.0 / n if name == "random" else float(g == 1)
 
-    mean = lambda xs: _pct(sum(xs) / len(xs)) if xs else None
     out = {"n_retrieval": len(ret), "n_moment": len(mom),
            "R@1": mean([right(s) for s in ret]),
            # the candidate list is the model's own: a baseline choosing from it has the same R@10
@@ -379,12 +400,15 @@ def _baseline_summary(scores: Sequence[TurnScore], name: str, *, thresholds) -> 
     return out
 
 
-def baselines(scopes: Mapping[str, Sequence[TurnScore]], *, thresholds=THRESHOLDS) -> dict:
-    """The random and first-stage rows for each scope (name → its scored turns), and which video
+def baselines(scopes: Mapping[str, Sequence[TurnScore]], *, thresholds=THRESHOLDS,
+              prior: Sequence[float] | None = None) -> dict:
+    """The random and first-stage rows for each scope (name → its scored turns), the prior-span
+    row when ``prior`` (:func:`prior_span` of the training split) is given, and which video
     lengths the random span used: recorded durations, or the GT end where none was recorded."""
-    out: dict = {name: {"description": desc, **{scope: _baseline_summary(ss, name, thresholds=thresholds)
+    out: dict = {name: {"description": desc, **{scope: _baseline_summary(ss, name, thresholds=thresholds,
+                                                                         prior=prior)
                                                  for scope, ss in scopes.items()}}
-                 for name, desc in BASELINES.items()}
+                 for name, desc in BASELINES.items() if name != "prior_span" or prior is not None}
     mom = {id(s): s for ss in scopes.values() for s in ss if s.kind == "moment" and s.gt_span is not None}
     known = sum(1 for s in mom.values() if s.duration)
     out["durations"] = {"moment_turns": len(mom), "recorded": known, "gt_end_fallback": len(mom) - known,
@@ -445,6 +469,7 @@ def evaluate_predictions(
     thresholds: Sequence[float] = THRESHOLDS,
     max_turn: int = 7,
     turn_fields: Mapping[str, Mapping] | None = None,
+    prior: Sequence[float] | None = None,
 ) -> dict:
     """Score ``predictions`` (``text_id`` → generated answer) against the annotation dialogues.
 
@@ -461,6 +486,8 @@ def evaluate_predictions(
       max_turn: the last row of the per-turn tables collects turns ``>= max_turn``.
       turn_fields: the optional per-turn fields of the predictions file (:func:`read_predictions`):
         video durations for the random baseline, the retriever's top-10 flag for R@10.
+      prior: the span of the ``prior_span`` baseline (:func:`prior_span` of the training split);
+        None leaves that row out.
 
     Returns a JSON-serialisable dict with ``evaluated`` and ``end_to_end`` headline metrics, the
     ``baselines`` beside them (:func:`baselines`, the same scopes), ``r10_candidates`` (which list
@@ -493,7 +520,8 @@ def evaluate_predictions(
         "n_dialogues": {"evaluated": len(subset), "end_to_end": len(universe)},
         "evaluated": _summary(evaluated, thresholds=thresholds, lang=lang, answered_only=True),
         "end_to_end": _summary(scores, thresholds=thresholds, lang=lang, answered_only=False),
-        "baselines": baselines({"evaluated": evaluated, "end_to_end": scores}, thresholds=thresholds),
+        "baselines": baselines({"evaluated": evaluated, "end_to_end": scores}, thresholds=thresholds,
+                               prior=prior),
         "r10_candidates": r10_candidates(turn_fields),
         "per_turn": {
             "evaluated": _per_turn(evaluated, thresholds=thresholds, max_turn=max_turn, cascade=False, lang=lang),

@@ -60,7 +60,7 @@ R10_NOTES = {
                  "turn's question (--index); a turn without a predictions line counts as a miss. The prompts "
                  "still show the annotation's candidates, so R@1 (model and baselines) re-ranks those.",
 }
-BASELINE_LABELS = {"random": "random guess", "first_stage": "first stage only"}
+BASELINE_LABELS = {"random": "random guess", "first_stage": "first stage only", "prior_span": "training-prior span"}
 
 
 def _col_label(results: Mapping, c: str) -> str:
@@ -266,7 +266,7 @@ def write_charts(results: Mapping, out_dir: str | Path,
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = _grouped_bars(ax, shown, {name: [m.get(c) for c in shown] for name, m in rows.items()})
     _percent_axis(ax, drawn)
-    ax.set_title("end to end: model and baselines (first stage: no moment answers)")
+    ax.set_title("end to end: model and baselines (first stage: no moment answers; prior span: no retrieval ones)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     p = out_dir / "baselines.png"

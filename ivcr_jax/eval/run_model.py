@@ -54,7 +54,7 @@ from ivcr_jax import checkpoints
 from ivcr_jax.cli import UsageError
 from ivcr_jax.data.prompts import PromptLoader
 from ivcr_jax.data.samples import enumerate_samples
-from ivcr_jax.eval.metrics import RETRIEVED_FIELD, evaluate_predictions, read_predictions
+from ivcr_jax.eval.metrics import RETRIEVED_FIELD, evaluate_predictions, prior_span, read_predictions
 from ivcr_jax.eval.report import publish
 from ivcr_jax.experiment import Experiment
 from ivcr_jax.models.generate import Generator
@@ -176,9 +176,10 @@ def evaluate_model(exp: Experiment, args, *, model=None, tokenizer=None) -> int:
     preds, timings, _, fields = read_predictions(result["predictions"])
     answered_dialogues = {r["dialogue_id"] for r in result["records"]}
     subset = [d for d in dialogues if d.id in answered_dialogues]
+    train_dialogues, _ = exp.dialogues("train", annotations=annotations)
     results = evaluate_predictions(subset or dialogues, preds, all_test_turns=dialogues, history=args.history,
                                    match="text_id", lang=exp.data.lang, max_turn=args.max_turn,
-                                   turn_fields=fields)
+                                   turn_fields=fields, prior=prior_span(train_dialogues))
     gen = result["generation"]
     results["generation"] = gen
     results["input"] = {
