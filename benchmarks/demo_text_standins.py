@@ -89,7 +89,9 @@ def main(argv=None) -> int:
         return ids, mask, at, labels
 
     graph, params, rest = nnx.split(llama, nnx.Param, ...)
-    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, min(50, args.steps // 2), max(args.steps, 2), args.lr / 10))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(50, args.steps // 2), max(args.steps, 2),
+                                                  args.lr / 10)
+    opt = optax.adamw(schedule)
     opt_state = opt.init(params)
 
     def loss_fn(params, ids, mask, at, labels):

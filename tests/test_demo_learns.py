@@ -51,6 +51,7 @@ def _describe_corpus(root: Path, out: Path) -> Path:
         rec = copy.deepcopy(template)
         s, e = meta["events"][0]["start"], meta["events"][0]["end"]
         rec.update(id=f"{meta['name']}_describe", split=split[vid])
+        rec["conversations"][0]["text_id"] = f"{meta['name']}_describe"   # one key per turn, for the evaluator
         gpt = rec["conversations"][1]
         gpt.update(gt=[meta["name"]], gt_se=[s, e], video_id=vid,
                    candidate_videos=[vid] + [c for c in gpt["candidate_videos"] if c != vid][:9],
