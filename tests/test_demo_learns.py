@@ -28,7 +28,6 @@ from ivcr_jax.data.samples import enumerate_samples
 from ivcr_jax.experiment import Experiment
 from ivcr_jax.train.loop import train
 
-DESCRIBE = "Describe what happens in this video and when."
 STEPS = 150
 
 
@@ -37,7 +36,7 @@ def _describe_corpus(root: Path, out: Path) -> Path:
     for training clips only), in the generator's exact record format."""
     records = json.loads((root / "ivcr.json").read_text(encoding="utf-8"))
     videos = {v["video_id"]: v for v in json.loads((root / "videos.json").read_text(encoding="utf-8"))}
-    template = next(r for r in records if r["conversations"][0]["value"] == DESCRIBE)
+    template = next(r for r in records if r["conversations"][0]["value"] == demo.DESCRIBE_QUESTION[0])
     split = {}
     for r in records:
         for turn in r["conversations"][1::2]:
@@ -53,10 +52,9 @@ def _describe_corpus(root: Path, out: Path) -> Path:
         rec.update(id=f"{meta['name']}_describe", split=split[vid])
         rec["conversations"][0]["text_id"] = f"{meta['name']}_describe"   # one key per turn, for the evaluator
         gpt = rec["conversations"][1]
-        gpt.update(gt=[meta["name"]], gt_se=[s, e], video_id=vid,
-                   candidate_videos=[vid] + [c for c in gpt["candidate_videos"] if c != vid][:9],
-                   value=gpt["value"].split(" happens in ")[0]
-                   + f" happens in {s:.1f} - {e:.1f} seconds. It shows {meta['description']}.")
+        en, zh = demo.describe_answer((s, e), meta["description"], meta["Chinese_description"])
+        gpt.update(gt=[meta["name"]], gt_se=[s, e], video_id=vid, value=en, Chinese_value=zh,
+                   candidate_videos=[vid] + [c for c in gpt["candidate_videos"] if c != vid][:9])
         rows.append(rec)
     (out / "ivcr.json").write_text(json.dumps(rows), encoding="utf-8")
     (out / "videos").symlink_to(root / "videos", target_is_directory=True)

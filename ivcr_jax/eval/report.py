@@ -1,8 +1,8 @@
 """Evaluation reports: metrics.json, report.md, a terminal table and PNG charts.
 
 The headline table has the columns of paper Table 2 (R@1, R@10, R@1 IoU=0.3/0.5/0.7, BLEU-4), the
-model's rows followed, per scope, by the random-guess and first-stage-only baselines over the same
-turns (``metrics.baselines``), each explained in a line under the table; the R@10 header names the
+model's rows followed, per scope, by the random-guess, first-stage-only and training-prior-span
+baselines over the same turns (``metrics.baselines``), each explained in a line under the table; the R@10 header names the
 candidate list it counts (the annotation's, or the retriever's top 10 with ``--index``). The
 per-turn tables are paper Table 4, with the cascade variant of the older `conv_cal.py`
 (reference-architecture §8.5). Response times per stage ("retrieval", "prefill", "decode") are
