@@ -81,6 +81,7 @@ class Turn:
     target_index: int | None  # 1-based position of video_id among candidate_videos
     answer_video: int | None = None  # "video N" in the English ground-truth answer
     video_source: str | None = None
+    question_raw: str | None = None  # the question as in the file (unstripped): the reference's match key
 
     @property
     def kind_code(self) -> int:
@@ -96,6 +97,40 @@ class Dialogue:
     turns: tuple[Turn, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class SkippedTurn:
+    """A turn of a record skipped as malformed, as far as it can be read: the evaluator counts it
+    (a failure) in the denominators, as the reference, which reads the raw JSON, does."""
+
+    record: int  # position of the record in the JSON list
+    record_id: str | None
+    turn: int  # 1-based: the reference's int((i + 2) / 2) of the turn's human message i
+    kind: str  # the reference's rule: gt_se == [-1, -1] retrieval, any other gt_se moment, none chat
+    text_id: str | None
+
+
+def readable_turns(index: int, record: Any) -> list[SkippedTurn]:
+    """The turns of a (malformed) record that the reference's denominators would count: every
+    ``gpt`` message, its kind by ``gt_se`` (metrics/eval.py ``cal_reslut``), its text_id from the
+    message before it when that is a human message."""
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        return []
+    rid = record.get("id")
+    rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+    convs = record["conversations"]
+    out = []
+    for i, m in enumerate(convs):
+        if not isinstance(m, dict) or m.get("from") != "gpt":
+            continue
+        se = m.get("gt_se")
+        kind = CHAT if se is None else RETRIEVAL if se == [-1, -1] else MOMENT
+        h = convs[i - 1] if i > 0 and isinstance(convs[i - 1], dict) else {}
+        tid = h.get("text_id")
+        out.append(SkippedTurn(index, rid, (i + 1) // 2, kind,
+                               str(tid) if isinstance(tid, (str, int)) and not isinstance(tid, bool) else None))
+    return out
+
+
 @dataclasses.dataclass
 class LoadReport:
     """What :func:`load_dialogues` did with each record."""
@@ -108,6 +143,7 @@ class LoadReport:
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     errors: list[str] = dataclasses.field(default_factory=list)  # the first messages, for the log
     max_errors_kept: int = 20
+    skipped_turns: list[SkippedTurn] = dataclasses.field(default_factory=list)  # of the skipped records
 
     @property
     def num_skipped(self) -> int:
@@ -186,12 +222,13 @@ class _Parser:
                 if m.get("from") != who:
                     self.fail(f"{f}.from", f"expected {who!r} (messages alternate human/gpt), got {m.get('from')!r}")
             question, answer = self.text(h, hf), self.text(g, gf)
+            question_raw = h["value" if self.lang == "en" else "Chinese_value"]
             text_id = h.get("text_id")
             if text_id is None or (isinstance(text_id, str) and not text_id.strip()):
                 self.fail(f"{hf}.text_id", "missing")
             if not isinstance(text_id, (str, int)) or isinstance(text_id, bool):
                 self.fail(f"{hf}.text_id", f"must be a string, got {text_id!r:.60}")
-            out.append(self.turn(t, g, gf, str(text_id), question, answer))
+            out.append(self.turn(t, g, gf, str(text_id), question, answer, question_raw))
         return tuple(out)
 
     def gt_video(self, g: dict, gf: str) -> str | None:
@@ -209,7 +246,8 @@ class _Parser:
             self.fail(f, f"must be a non-empty string, got {v!r:.60}")
         return v.strip()
 
-    def turn(self, t: int, g: dict, gf: str, text_id: str, question: str, answer: str) -> Turn:
+    def turn(self, t: int, g: dict, gf: str, text_id: str, question: str, answer: str,
+             question_raw: str | None = None) -> Turn:
         video = self.gt_video(g, gf)
         cands = g.get("candidate_videos")
         if cands is None:
@@ -247,7 +285,7 @@ class _Parser:
         return Turn(index=t, text_id=text_id, question=question, answer=answer, kind=kind,
                     video_id=video, candidate_videos=cands, gt_se=span, target_index=target,
                     answer_video=video_number(english),
-                    video_source=src if isinstance(src, str) else None)
+                    video_source=src if isinstance(src, str) else None, question_raw=question_raw)
 
 
 def _types_of(t: Any) -> tuple | None:
@@ -312,6 +350,8 @@ def load_dialogues(
             if strict:
                 raise RecordError(e.index, e.field, f"{e.problem} [{path}]", e.record_id) from None
             report.add_error(e)
+            if split is None or (isinstance(rec, dict) and rec.get("split") == split):  # as the reference reads it
+                report.skipped_turns.extend(readable_turns(i, rec))
             continue
         out.append(d)
     report.loaded = len(out)

@@ -29,7 +29,10 @@ from pathlib import Path
 from ivcr_jax import cli
 from ivcr_jax.cli import UsageError
 from ivcr_jax.data.schema import load_dialogues
-from ivcr_jax.eval.metrics import PredictionsFormatError, evaluate_predictions, prior_span, read_predictions
+from ivcr_jax.data.official_answers import OfficialScorerError
+from ivcr_jax.eval import protocol
+from ivcr_jax.eval.metrics import SCORERS, PredictionsFormatError, evaluate_predictions, prior_span, read_predictions
+from ivcr_jax.eval.protocol import TEST_FILTERS
 from ivcr_jax.eval.report import publish
 from ivcr_jax.eval.run_model import evaluate_model
 from ivcr_jax.experiment import Experiment
@@ -49,11 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match", default="text_id", choices=("text_id", "question"),
                    help="match predictions to turns by text_id (default) or by the exact user question "
                         "(the reference's matching)")
-    p.add_argument("--history", default="teacher", choices=("teacher", "model"),
-                   help="ground-truth history in the prompts, or the model's own earlier answers")
+    p.add_argument("--scorer", default="official", choices=SCORERS,
+                   help="answer parsers of the headline: official (the released metrics/eval.py's, default) or "
+                        "lenient (ours: more answer formats); the other's rows are shown beside it")
+    p.add_argument("--reference-bugs", action="store_true",
+                   help="reproduce the released scorer exactly: it never scores the first retrieval and the "
+                        "first moment sample, counts an unreadable GT index as matching an unparseable answer, "
+                        "and stops where it raises")
+    p.add_argument("--test-filter", default="reference", choices=TEST_FILTERS,
+                   help="reference (default): only the reference's test samples count (dialogues whose first "
+                        "turn the first stage got right, turns 1-7); every other test turn is a failure. "
+                        "none: every turn with a prediction counts")
+    p.add_argument("--history", default="teacher", choices=("teacher", "model", "both"),
+                   help="ground-truth history in the prompts (teacher, as the reference), the model's own earlier "
+                        "answers and chosen videos (model: closed loop), or both side by side (model mode)")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed predictions lines (counted in metrics.json) instead of failing")
-    p.add_argument("--max-turn", type=int, default=7, help="last per-turn row collects turns >= this (default 7)")
+    p.add_argument("--max-turn", type=int, default=7,
+                   help="per-turn rows 1..N, then one row for the later turns (default 7, as the reference prints)")
     p.add_argument("--no-charts", action="store_true", help="do not write PNG charts")
     # --- model-driven mode (ivcr_jax.eval.run_model) ---
     p.add_argument("--checkpoint", help="[model mode] converted weights or a training workdir")
@@ -76,15 +92,31 @@ def score_file(args) -> int:
     dialogues, load_report = load_dialogues(args.annotations, split=args.split, lang=lang)
     if not dialogues:
         raise UsageError(f"no dialogues of split {args.split!r} in {args.annotations}\n{load_report.summary()}")
+    if args.history == "both":
+        raise UsageError("--history both runs a model; a predictions file was made one way: --history teacher|model")
+    samples = protocol.reference_samples(dialogues, test_filter=args.test_filter)
     try:
-        preds, timings, stats, fields = read_predictions(args.predictions, match=args.match,
-                                                         skip_bad_lines=args.skip_bad_lines)
-    except PredictionsFormatError as e:
+        if protocol.is_reference_predictions(args.predictions):  # evaluate.py's result.json
+            if args.match != "text_id":
+                raise UsageError("a reference result.json is aligned with the samples by position: drop --match")
+            preds = protocol.read_reference_predictions(args.predictions, samples)
+            timings, fields = {}, {}
+            stats = {"lines": len(preds), "bad_lines": 0, "bad_line_examples": [], "duplicates": 0,
+                     "format": "reference result.json (aligned by position with the reference's samples)"}
+        else:
+            preds, timings, stats, fields = read_predictions(args.predictions, match=args.match,
+                                                             skip_bad_lines=args.skip_bad_lines)
+    except (PredictionsFormatError, protocol.ReferencePredictionsError) as e:
         raise UsageError(str(e)) from None
     train_dialogues, _ = load_dialogues(args.annotations, split="train", lang=lang)
-    results = evaluate_predictions(dialogues, preds, history=args.history, match=args.match, lang=lang,
-                                   max_turn=args.max_turn, turn_fields=fields,
-                                   prior=prior_span(train_dialogues))
+    try:
+        results = evaluate_predictions(dialogues, preds, history=args.history, match=args.match, lang=lang,
+                                       max_turn=args.max_turn, turn_fields=fields,
+                                       prior=prior_span(train_dialogues), scorer=args.scorer,
+                                       reference_bugs=args.reference_bugs, test_filter=args.test_filter,
+                                       skipped_turns=load_report.skipped_turns, samples=samples)
+    except OfficialScorerError as e:
+        raise UsageError(f"--reference-bugs: {e}") from None
     results["input"] = {
         "annotations": str(args.annotations),
         "split": args.split,
@@ -94,6 +126,8 @@ def score_file(args) -> int:
         "predictions_bad_lines_skipped": stats["bad_lines"],
         "predictions_duplicate_keys": stats["duplicates"],
     }
+    if "format" in stats:
+        results["input"]["predictions_format"] = stats["format"]
     if stats["bad_line_examples"]:
         results["input"]["predictions_bad_line_examples"] = stats["bad_line_examples"]
     publish(results, args.out, timings=timings, charts=not args.no_charts)

@@ -41,7 +41,9 @@ import os
 from collections import Counter, defaultdict
 from typing import Iterable, Mapping, Sequence
 
+from ivcr_jax.data import official_answers
 from ivcr_jax.data.answers import iou, parse_intent, parse_moment, parse_video_index
+from ivcr_jax.eval import protocol
 
 __all__ = [
     "iou",
@@ -215,7 +217,7 @@ class TurnScore:
     dialogue: int
     dialogue_id: str | None
     turn: int
-    text_id: str
+    text_id: str | None
     kind: str
     answered: bool
     prediction: str | None = None
@@ -236,9 +238,17 @@ class TurnScore:
     # the same, under the cascade rule (a failed retrieval turn fails every later turn)
     cascade_hit: bool | None = None
     cascade_iou: float | None = None
+    # how the turn entered the count
+    in_samples: bool = True  # among the turns the protocol runs (the reference's test samples)
+    gt_source: str | None = None  # "answer": read from the GT answer text; "record": gt_se / candidate position
+    malformed: bool = False  # its record was skipped as malformed: counted, never answered
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SCORERS = ("official", "lenient")
+PARSERS = ("official", "lenient", "reference")  # "reference": official with the released scorer's bugs
 
 
 def _gt_index(turn) -> int | None:
@@ -260,9 +270,79 @@ def r10_candidates(turn_fields: Mapping[str, Mapping] | None) -> str:
     return "retriever" if any(RETRIEVED_FIELD in f for f in (turn_fields or {}).values()) else "annotation"
 
 
+def turn_key(turn, match: str) -> str:
+    """The predictions key of a turn: its ``text_id``, or its question as written in the file (the
+    reference's ``find_sentence`` compares the raw string)."""
+    if match == "text_id":
+        return turn.text_id
+    return turn.question_raw if getattr(turn, "question_raw", None) is not None else turn.question
+
+
+def _retrieval_gt(t, parsers: str) -> tuple[int | None, str | None]:
+    """The GT index and where it was read: the reference reads the answer's "video N"
+    (``extract_video_numbers_first_only``); ``official`` falls back to the candidate position
+    where the answer names none; ``lenient`` reads the candidate position first (:func:`_gt_index`)."""
+    if parsers == "lenient":
+        return _gt_index(t), "record" if getattr(t, "target_index", None) is not None else "answer"
+    k = official_answers.video_index(t.answer)
+    if k is not None or parsers == "reference":
+        return k, "answer"
+    return (int(t.target_index), "record") if t.target_index is not None else (None, None)
+
+
+def _moment_gt(t, parsers: str) -> tuple[tuple[float, float] | None, str | None]:
+    """The GT span and where it was read: the reference reads the answer text's first ``Ns-Ms``
+    (``extract_time_ranges``), as written (no reordering); ``official`` falls back to ``gt_se``
+    where the text has none (the released scorer raises there); ``lenient`` reads ``gt_se``."""
+    if parsers != "lenient":
+        spans = official_answers.gt_spans(t.answer)
+        if len(spans) >= 2:
+            return (spans[0], spans[1]), "answer"
+        if parsers == "reference":
+            return None, None
+    return ((float(t.gt_se[0]), float(t.gt_se[1])), "record") if t.gt_se is not None else (None, None)
+
+
+def _score_moment(s: TurnScore, t, pred: str | None, parsers: str) -> None:
+    s.gt_span, s.gt_source = _moment_gt(t, parsers)
+    if parsers == "lenient":
+        s.pred_span = parse_moment(pred) if pred is not None else None
+        s.iou = iou(s.pred_span, s.gt_span)
+        return
+    if pred is None:
+        s.iou = 0.0
+        return
+    s.pred_span = official_answers.moment(pred)
+    if s.gt_span is None:  # only under "reference": the released scorer raises here
+        raise official_answers.OfficialScorerError(
+            f"dialogue {s.dialogue_id!r} turn {s.turn} ({s.text_id}): the ground-truth answer has no "
+            f"'<a>s-<b>s' span, where the released scorer raises (score without --reference-bugs: the "
+            f"official scorer reads gt_se there)")
+    try:
+        s.iou = official_answers.iou(s.gt_span, s.pred_span)
+    except official_answers.OfficialScorerError as e:
+        if parsers == "reference":
+            raise official_answers.OfficialScorerError(
+                f"dialogue {s.dialogue_id!r} turn {s.turn} ({s.text_id}): {e}, where the released scorer "
+                f"divides by zero") from None
+        s.iou = 0.0  # a zero-length union: two identical points
+
+
 def score_turns(dialogues: Sequence, predictions: Mapping[str, str], *, match: str = "text_id",
-                turn_fields: Mapping[str, Mapping] | None = None) -> list[TurnScore]:
+                turn_fields: Mapping[str, Mapping] | None = None, parsers: str = "lenient",
+                scope: set[tuple[int, int]] | None = None, skipped_turns: Sequence = ()) -> list[TurnScore]:
     """Score every turn of ``dialogues`` against ``predictions`` (key → answer text).
+
+    ``parsers``: ``"lenient"`` (``data/answers.py``: more answer formats; the GT from ``gt_se`` and
+    the candidate position), ``"official"`` (the released scorer's parsers, ``data/official_answers.py``,
+    the GT read from the answer text; where the text has none, from the record, counted in
+    ``gt_source``), ``"reference"`` (the same with the released scorer's behaviour kept: an
+    unreadable GT index equals an unparseable prediction, and it raises where it raises).
+
+    ``scope``: the ``(dialogue index, turn index)`` pairs the protocol runs (the reference's test
+    samples); a prediction for another turn is ignored (``answered=False``, ``in_samples=False``).
+    None: every turn. ``skipped_turns`` (``LoadReport.skipped_turns``): the turns of malformed
+    records, added as unanswered failures.
 
     Turns without a prediction are kept with ``answered=False`` and scored as failures. The cascade
     columns follow `conv_cal.py`: once a retrieval turn of a dialogue is not a hit (wrong, unparseable
@@ -276,6 +356,8 @@ def score_turns(dialogues: Sequence, predictions: Mapping[str, str], *, match: s
     """
     if match not in ("text_id", "question"):
         raise ValueError(f"match must be 'text_id' or 'question', got {match!r}")
+    if parsers not in PARSERS:
+        raise ValueError(f"parsers must be one of {', '.join(PARSERS)}, got {parsers!r}")
     fields = turn_fields or {}
     retrieved = r10_candidates(fields) == "retriever"
     scores: list[TurnScore] = []
@@ -283,29 +365,41 @@ def score_turns(dialogues: Sequence, predictions: Mapping[str, str], *, match: s
         failed = False
         for k, t in enumerate(d.turns):
             pos = (t.index if isinstance(getattr(t, "index", None), int) else k) + 1  # Turn.index is 0-based
-            key = t.text_id if match == "text_id" else t.question
-            pred = predictions.get(key)
+            key = turn_key(t, match)
+            in_samples = scope is None or (d.index, pos - 1) in scope
+            pred = predictions.get(key) if in_samples else None
             s = TurnScore(dialogue=d.index, dialogue_id=d.id, turn=pos, text_id=t.text_id, kind=t.kind,
-                          answered=pred is not None, prediction=pred, reference=t.answer)
+                          answered=pred is not None, prediction=pred, reference=t.answer, in_samples=in_samples)
             if pred is not None:
                 s.pred_intent = parse_intent(pred)
             if t.kind == "retrieval":
-                s.gt_index = _gt_index(t)
+                s.gt_index, s.gt_source = _retrieval_gt(t, parsers)
                 s.n_candidates = len(t.candidate_videos)
                 s.in_candidates = t.video_id is not None and t.video_id in t.candidate_videos
                 s.in_top10 = bool(fields.get(key, {}).get(RETRIEVED_FIELD, False)) if retrieved else s.in_candidates
-                s.pred_index = parse_video_index(pred) if pred is not None else None
-                s.hit = s.gt_index is not None and s.pred_index == s.gt_index
+                if pred is not None:
+                    s.pred_index = (parse_video_index(pred) if parsers == "lenient"
+                                    else official_answers.video_index(pred))
+                if parsers == "reference":  # `gt_index == pre_index`: None == None is a hit there
+                    s.hit = pred is not None and s.pred_index == s.gt_index
+                else:
+                    s.hit = s.gt_index is not None and s.pred_index == s.gt_index
                 s.cascade_hit = s.hit and not failed
                 if not s.hit:
                     failed = True
-            elif t.kind == "moment" and t.gt_se is not None:
-                s.gt_span = (float(t.gt_se[0]), float(t.gt_se[1]))
-                s.pred_span = parse_moment(pred) if pred is not None else None
-                s.iou = iou(s.pred_span, s.gt_span)
+            elif t.kind == "moment":
+                _score_moment(s, t, pred, parsers)
                 s.cascade_iou = 0.0 if failed else s.iou
                 s.duration = fields.get(key, {}).get("duration")
             scores.append(s)
+    for st in skipped_turns:
+        s = TurnScore(dialogue=st.record, dialogue_id=st.record_id, turn=st.turn, text_id=st.text_id, kind=st.kind,
+                      answered=False, malformed=True, in_samples=False)
+        if st.kind == "retrieval":
+            s.hit = s.cascade_hit = s.in_candidates = s.in_top10 = False
+        elif st.kind == "moment":
+            s.iou = s.cascade_iou = 0.0
+        scores.append(s)
     return scores
 
 
@@ -319,7 +413,7 @@ def _summary(scores: Sequence[TurnScore], *, thresholds, lang: str, answered_onl
              cascade: bool = False, with_bleu: bool = True) -> dict:
     """Headline metrics over ``scores`` (already restricted to the scope's turns)."""
     ret = [s for s in scores if s.kind == "retrieval"]
-    mom = [s for s in scores if s.kind == "moment" and s.gt_span is not None]
+    mom = [s for s in scores if s.kind == "moment"]
     hits = [bool(s.cascade_hit if cascade else s.hit) for s in ret]
     ious = [float((s.cascade_iou if cascade else s.iou) or 0.0) for s in mom]
     out = {
@@ -372,10 +466,10 @@ def _random_duration(s: TurnScore) -> float:
 def _baseline_summary(scores: Sequence[TurnScore], name: str, *, thresholds, prior=None) -> dict:
     """One baseline's headline metrics over ``scores`` (the model row's turns, answered or not)."""
     ret = [s for s in scores if s.kind == "retrieval"]
-    mom = [s for s in scores if s.kind == "moment" and s.gt_span is not None]
+    mom = [s for s in scores if s.kind == "moment"]  # a malformed record's turn (no GT span) scores 0
     mean = lambda xs: _pct(sum(xs) / len(xs)) if xs else None
     if name == "prior_span":
-        ious = [iou(prior, s.gt_span) for s in mom]
+        ious = [iou(prior, s.gt_span) if s.gt_span is not None else 0.0 for s in mom]
         out = {"n_retrieval": len(ret), "n_moment": len(mom), "R@1": None, "R@10": None,
                "span": [round(float(x), 3) for x in prior]}
         mr = moment_recall(ious, thresholds)
@@ -394,10 +488,11 @@ def _baseline_summary(scores: Sequence[TurnScore], name: str, *, thresholds, pri
            "R@1": mean([right(s) for s in ret]),
            # the candidate list is the model's own: a baseline choosing from it has the same R@10
            "R@10": _pct(recall_at_10([bool(s.in_top10) for s in ret])) if ret else None}
+    known = lambda f: [f(s) if s.gt_span is not None else 0.0 for s in mom]
     for t in thresholds:
-        out[f"R@1 IoU={t:g}"] = (mean([random_span_recall(s.gt_span, _random_duration(s), t) for s in mom])
+        out[f"R@1 IoU={t:g}"] = (mean(known(lambda s: random_span_recall(s.gt_span, _random_duration(s), t)))
                                  if name == "random" else None)
-    out["mIoU"] = mean([random_span_miou(s.gt_span, _random_duration(s)) for s in mom]) if name == "random" else None
+    out["mIoU"] = mean(known(lambda s: random_span_miou(s.gt_span, _random_duration(s)))) if name == "random" else None
     out["BLEU-4"] = None
     return out
 
@@ -420,15 +515,16 @@ def baselines(scopes: Mapping[str, Sequence[TurnScore]], *, thresholds=THRESHOLD
 
 
 def _bucket(turn: int, max_turn: int) -> str:
-    return f"{max_turn}+" if turn >= max_turn else str(turn)
+    return f"{max_turn + 1}+" if turn > max_turn else str(turn)
 
 
 def _per_turn(scores: Sequence[TurnScore], *, thresholds, max_turn: int, cascade: bool, lang: str) -> list[dict]:
-    """Paper Table 4: one row per turn position 1..max_turn-1, then ``max_turn+``, then ``all``."""
+    """Paper Table 4: one row per turn position 1..max_turn (the reference prints turns <= 7), then
+    ``max_turn+1+`` (the later turns, which the reference counts but does not print), then ``all``."""
     groups: dict[str, list[TurnScore]] = defaultdict(list)
     for s in scores:
         groups[_bucket(s.turn, max_turn)].append(s)
-    order = [str(i) for i in range(1, max_turn)] + [f"{max_turn}+"]
+    order = [str(i) for i in range(1, max_turn + 1)] + [f"{max_turn + 1}+"]
     rows = []
     for name in order + ["all"]:
         group = list(scores) if name == "all" else groups.get(name, [])
@@ -460,6 +556,51 @@ def _intent_stats(scores: Sequence[TurnScore]) -> dict:
     }
 
 
+def _skip_reference_bug(scores: Sequence[TurnScore], first: Sequence[str | None]) -> list[TurnScore]:
+    """``cal_reslut``'s first-sample skip: those turns count in the denominators, never as hits."""
+    out = []
+    for s in scores:
+        if s.text_id is not None and s.text_id in first and s.in_samples and not s.malformed:
+            s = dataclasses.replace(s, hit=False if s.kind == "retrieval" else s.hit,
+                                    iou=0.0 if s.kind == "moment" else s.iou)
+        out.append(s)
+    return out
+
+
+def _protocol_stats(universe, samples, scores: Sequence[TurnScore], predictions, match: str,
+                    test_filter: str, max_turn: int) -> dict:
+    kept = {smp.dialogue.index for smp in samples}
+    sampled = {(smp.dialogue.index, smp.turn_idx) for smp in samples}
+    dropped = [d for d in universe if d.index not in kept]
+    turns_out = [(d, t) for d in universe for t in d.turns if (d.index, t.index) not in sampled]
+    keys_in = {turn_key(d.turns[t], match) for d, t in ((smp.dialogue, smp.turn_idx) for smp in samples)}
+    bad = [s for s in scores if s.malformed]
+    by_kind = lambda ss: dict(Counter(s.kind for s in ss))
+    return {
+        "test_filter": test_filter,
+        "dialogues": len(universe),
+        "dialogues_run": len(kept),
+        "dialogues_filtered_out": {
+            "first_stage_missed": sum(1 for d in dropped if tuple(d.types) != (7,)),
+            "type_7": sum(1 for d in dropped if tuple(d.types) == (7,)),
+        },
+        "samples": len(samples),
+        "turns_not_run": {"filtered_dialogues": sum(1 for d, _ in turns_out if d.index not in kept),
+                          f"beyond_turn_{max_turn}": sum(1 for d, t in turns_out if d.index in kept)},
+        "malformed_records": len({s.dialogue for s in bad}),
+        "malformed_record_turns": by_kind(bad),
+        "predictions_outside_samples": sum(1 for k in predictions if k not in keys_in),
+        "gt_read_from_record": by_kind([s for s in scores if s.gt_source == "record" and s.in_samples
+                                        and s.kind in ("retrieval", "moment")]),
+    }
+
+
+def _scope_rows(scores: Sequence[TurnScore], *, thresholds, lang: str) -> dict:
+    return {"evaluated": _summary([s for s in scores if s.answered], thresholds=thresholds, lang=lang,
+                                  answered_only=True),
+            "end_to_end": _summary(scores, thresholds=thresholds, lang=lang, answered_only=False)}
+
+
 def evaluate_predictions(
     dialogues: Sequence,
     predictions: Mapping[str, str],
@@ -472,71 +613,100 @@ def evaluate_predictions(
     max_turn: int = 7,
     turn_fields: Mapping[str, Mapping] | None = None,
     prior: Sequence[float] | None = None,
+    scorer: str = "official",
+    reference_bugs: bool = False,
+    test_filter: str = "reference",
+    skipped_turns: Sequence = (),
+    samples: Sequence | None = None,
 ) -> dict:
     """Score ``predictions`` (``text_id`` → generated answer) against the annotation dialogues.
 
     Args:
-      dialogues: `ivcr_jax.data.schema.Dialogue`s of the evaluated split (type ≠ [0]).
+      dialogues: `ivcr_jax.data.schema.Dialogue`s of the test split (type ≠ [0]).
       predictions: the generated answer per turn key (``text_id``, or the user question with
         ``match="question"``).
-      all_test_turns: the dialogues that define the end-to-end denominator — the whole test split
-        when ``dialogues`` is a filtered subset (e.g. only dialogues whose first turn the retriever
-        got right). Defaults to ``dialogues``.
+      all_test_turns: the dialogues that define the end-to-end denominator when it is more than
+        ``dialogues``. Defaults to ``dialogues``.
       history: how the predictions were produced, recorded in the result: ``"teacher"`` (ground-truth
         history, as the reference) or ``"model"`` (the model's own earlier answers). Scoring is the same.
       lang: "en" or "zh"; selects the BLEU tokenizer.
-      max_turn: the last row of the per-turn tables collects turns ``>= max_turn``.
+      max_turn: the per-turn tables have a row per turn 1..max_turn, then one for the later turns.
       turn_fields: the optional per-turn fields of the predictions file (:func:`read_predictions`):
         video durations for the random baseline, the retriever's top-10 flag for R@10.
       prior: the span of the ``prior_span`` baseline (:func:`prior_span` of the training split);
         None leaves that row out.
+      scorer: the parsers of the headline (``"official"``, the released scorer's, or ``"lenient"``,
+        ours); the other one's rows are given beside it (``results["scorers"]``).
+      reference_bugs: reproduce the released scorer exactly: its first-sample skip, its
+        ``None == None`` hit, and its exceptions (``official_answers.OfficialScorerError``).
+      test_filter: ``"reference"``: only the reference's test samples (``eval/protocol.py``) are
+        scored, every other turn of the split counting as a failure; ``"none"``: every turn.
+      skipped_turns: the turns of malformed records (``LoadReport.skipped_turns``): failures.
+      samples: the protocol's samples (``protocol.reference_samples``), when the caller has them.
 
     Returns a JSON-serialisable dict with ``evaluated`` and ``end_to_end`` headline metrics, the
-    ``baselines`` beside them (:func:`baselines`, the same scopes), ``r10_candidates`` (which list
-    R@10 counts: ``"annotation"`` or ``"retriever"``), the per-turn tables (``per_turn`` and
-    ``per_turn_cascade``, each for both scopes), ``intent`` accuracy, parse failures, matching
-    statistics, and ``turns`` (one :class:`TurnScore` dict per end-to-end turn). The reference's
-    skip-first-sample bug is not reproduced.
+    ``baselines`` beside them (:func:`baselines`, the same scopes), ``scorers`` (the headline rows
+    of each scorer), ``protocol`` (what was run and counted: filtered dialogues, malformed records,
+    ignored predictions), ``r10_candidates`` (which list R@10 counts), the per-turn tables
+    (``per_turn`` and ``per_turn_cascade``, each for both scopes), ``intent`` accuracy, parse
+    failures, matching statistics, and ``turns`` (one :class:`TurnScore` dict per end-to-end turn).
     """
     if history not in ("teacher", "model"):
         raise ValueError(f"history must be 'teacher' or 'model', got {history!r}")
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    if reference_bugs and scorer != "official":
+        raise ValueError("reference_bugs reproduces the released (official) scorer: use scorer='official'")
     thresholds = tuple(float(t) for t in thresholds)
     universe = list(all_test_turns) if all_test_turns is not None else list(dialogues)
-    subset = {d.index for d in dialogues}
+    if samples is None:
+        samples = protocol.reference_samples(dialogues, test_filter=test_filter)
+    scope = {(smp.dialogue.index, smp.turn_idx) for smp in samples}
+    score = lambda parsers, sc: score_turns(universe, predictions, match=match, turn_fields=turn_fields,
+                                            parsers=parsers, scope=sc, skipped_turns=skipped_turns)
+    main_parsers = "reference" if reference_bugs else scorer
+    scores = score(main_parsers, scope)
+    headline = scores
+    if reference_bugs:
+        headline = _skip_reference_bug(scores, protocol.first_samples(samples))
+        # cal_multi_reslut (the per-turn table) scores every turn whose question has a prediction
+        scores = score("reference", None)
+    evaluated = [s for s in headline if s.answered]
+    evaluated_pt = [s for s in scores if s.answered]
 
-    scores = score_turns(universe, predictions, match=match, turn_fields=turn_fields)
-    # Evaluated scope: the turns of `dialogues` that were answered.
-    evaluated = [s for s in scores if s.answered and s.dialogue in subset]
-
-    keys = Counter((t.text_id if match == "text_id" else t.question) for d in universe for t in d.turns)
+    keys = Counter(turn_key(t, match) for d in universe for t in d.turns)
     unmatched = [k for k in predictions if k not in keys]
     ambiguous = sum(1 for k, n in keys.items() if n > 1 and k in predictions)
 
-    answered_ret = [s for s in scores if s.answered and s.kind == "retrieval"]
-    answered_mom = [s for s in scores if s.answered and s.kind == "moment"]
+    rows = {name: _scope_rows(score(name, scope), thresholds=thresholds, lang=lang) for name in SCORERS}
+    if reference_bugs:
+        rows["reference"] = _scope_rows(headline, thresholds=thresholds, lang=lang)
+    answered_ret = [s for s in headline if s.answered and s.kind == "retrieval"]
+    answered_mom = [s for s in headline if s.answered and s.kind == "moment"]
+    per_turn = lambda cascade: {
+        "evaluated": _per_turn(evaluated_pt, thresholds=thresholds, max_turn=max_turn, cascade=cascade, lang=lang),
+        "end_to_end": _per_turn(scores, thresholds=thresholds, max_turn=max_turn, cascade=cascade, lang=lang)}
     result = {
         "history": history,
         "match": match,
         "lang": lang,
+        "scorer": "official (released, bugs kept)" if reference_bugs else scorer,
         "thresholds": list(thresholds),
-        "n_dialogues": {"evaluated": len(subset), "end_to_end": len(universe)},
+        "n_dialogues": {"evaluated": len({smp.dialogue.index for smp in samples}), "end_to_end": len(universe)},
         "evaluated": _summary(evaluated, thresholds=thresholds, lang=lang, answered_only=True),
-        "end_to_end": _summary(scores, thresholds=thresholds, lang=lang, answered_only=False),
-        "baselines": baselines({"evaluated": evaluated, "end_to_end": scores}, thresholds=thresholds,
+        "end_to_end": _summary(headline, thresholds=thresholds, lang=lang, answered_only=False),
+        "scorers": rows,
+        "protocol": _protocol_stats(universe, samples, headline, predictions, match, test_filter, max_turn),
+        "baselines": baselines({"evaluated": evaluated, "end_to_end": headline}, thresholds=thresholds,
                                prior=prior),
         "r10_candidates": r10_candidates(turn_fields),
-        "per_turn": {
-            "evaluated": _per_turn(evaluated, thresholds=thresholds, max_turn=max_turn, cascade=False, lang=lang),
-            "end_to_end": _per_turn(scores, thresholds=thresholds, max_turn=max_turn, cascade=False, lang=lang),
-        },
-        "per_turn_cascade": {
-            "evaluated": _per_turn(evaluated, thresholds=thresholds, max_turn=max_turn, cascade=True, lang=lang),
-            "end_to_end": _per_turn(scores, thresholds=thresholds, max_turn=max_turn, cascade=True, lang=lang),
-        },
-        "intent": _intent_stats(scores),
+        "per_turn": per_turn(False),
+        "per_turn_cascade": per_turn(True),
+        "intent": _intent_stats(headline),
         "parse_failures": {
             "retrieval": sum(1 for s in answered_ret if s.pred_index is None),
-            "moment": sum(1 for s in answered_mom if s.pred_span is None),
+            "moment": sum(1 for s in answered_mom if s.pred_span is None or
+                          (main_parsers != "lenient" and tuple(s.pred_span) == (0.0, 0.0))),
         },
         "predictions": {
             "n": len(predictions),
@@ -545,8 +715,10 @@ def evaluate_predictions(
             "unmatched_examples": unmatched[:5],
             "keys_shared_by_several_turns": ambiguous,
         },
-        "turns": [s.to_json() for s in scores],
+        "turns": [s.to_json() for s in headline],
     }
+    if reference_bugs:
+        result["protocol"]["not_scored_by_the_reference_bug"] = [k for k in protocol.first_samples(samples) if k]
     return result
 
 
@@ -574,7 +746,9 @@ def read_predictions(path: str | os.PathLike, *, match: str = "text_id", skip_ba
     (``{"retrieval": s, "prefill": s, "decode": s}``) is collected per stage. The optional per-turn
     fields of ``TURN_FIELDS`` (``duration`` of a moment turn's video in seconds,
     ``gt_in_retrieved_top10`` of a retrieval turn) are collected per key. Blank lines are ignored;
-    when a key occurs twice, the later line wins (a resumed run appends) and the repeat is counted.
+    when a key occurs twice, the repeat is counted, and the later line wins with ``match="text_id"``
+    (a resumed run appends), the first with ``match="question"`` (the reference's ``find_sentence``
+    returns the first prediction whose question equals the turn's, as written).
 
     A malformed line (not JSON, not an object, no key, no string answer, a per-turn field of the
     wrong type) raises :class:`PredictionsFormatError` naming ``path:line``; with ``skip_bad_lines``
@@ -632,6 +806,8 @@ def read_predictions(path: str | os.PathLike, *, match: str = "text_id", skip_ba
                 continue
             if key in preds:
                 stats["duplicates"] += 1
+                if match == "question":  # find_sentence: the first line with the question wins
+                    continue
             preds[key] = obj[field]
             fields.pop(key, None)
             if given:

@@ -67,13 +67,25 @@ def _col_label(results: Mapping, c: str) -> str:
     return R10_LABELS.get(results.get("r10_candidates", "annotation"), c) if c == "R@10" else c
 
 
+SCORER_LABELS = {"official": "official parsers", "lenient": "lenient parsers",
+                 "reference": "released scorer, bugs kept"}
+
+
 def _headline_rows(results: Mapping, cols: Sequence[str]) -> list[list[str]]:
-    """Per scope: the model's row, then each baseline's over the same turns."""
+    """Per scope: the model's row (the headline scorer), the other scorers' rows, then each
+    baseline's over the same turns."""
     cells = lambda m: [_fmt(m.get(c), 4 if c == "BLEU-4" else 2) for c in cols]
+    main = results.get("scorer", "official")
     rows = []
     for scope in ("evaluated", "end_to_end"):
         m = results[scope]
         rows.append([scope, *cells(m), str(m["n_retrieval"]), str(m["n_moment"]), str(m["n_answered"])])
+        for name, sc in results.get("scorers", {}).items():
+            if name == main or (name == "official" and main.startswith("official (")):
+                continue
+            o = sc[scope]
+            rows.append([f"{scope} · {SCORER_LABELS.get(name, name)}", *cells(o), str(o["n_retrieval"]),
+                         str(o["n_moment"]), str(o["n_answered"])])
         for name, label in BASELINE_LABELS.items():
             b = results.get("baselines", {}).get(name, {}).get(scope)
             if b is not None:
@@ -81,11 +93,47 @@ def _headline_rows(results: Mapping, cols: Sequence[str]) -> list[list[str]]:
     return rows
 
 
+SCORER_NOTE = {
+    "official": "scorer official: the released metrics/eval.py's parsers (the GT index and span read from the "
+                "answer text; the first `a - b` of a prediction, else its fallbacks), its first-sample skip fixed",
+    "lenient": "scorer lenient: the project's parsers (more answer formats; the GT from gt_se and the candidate "
+               "position)",
+}
+
+
+def protocol_note(results: Mapping) -> str | None:
+    """One line: which test turns were run, and what else counts in the end-to-end denominators."""
+    pr = results.get("protocol")
+    if not pr:
+        return None
+    fo, tn = pr["dialogues_filtered_out"], pr["turns_not_run"]
+    beyond = next((f"{v} beyond turn {k.rsplit('_', 1)[-1]}" for k, v in tn.items() if k.startswith("beyond")), "")
+    bad = pr["malformed_record_turns"]
+    line = (f"protocol (test filter {pr['test_filter']}): {pr['dialogues_run']} of {pr['dialogues']} test dialogues "
+            f"run ({fo['first_stage_missed']} filtered out for a first-stage miss on turn 1, {fo['type_7']} of type "
+            f"[7]), {pr['samples']} samples; end to end, the turns not run ({tn['filtered_dialogues']} of filtered "
+            f"dialogues, {beyond}) and {sum(bad.values())} turns of {pr['malformed_records']} malformed records "
+            f"count as failures; {pr['predictions_outside_samples']} predictions outside the samples ignored.")
+    gt = pr.get("gt_read_from_record") or {}
+    if gt and results.get("scorer") != "lenient":
+        line += (f" GT read from the record where the answer text has none: {gt.get('retrieval', 0)} retrieval "
+                 f"turns (no 'video N'), {gt.get('moment', 0)} moment turns (no 'Ns-Ms'); the released scorer "
+                 "cannot score those.")
+    if pr.get("not_scored_by_the_reference_bug"):
+        line += f" Not scored (the released scorer's first-sample skip): {', '.join(pr['not_scored_by_the_reference_bug'])}."
+    return line
+
+
 def _headline_notes(results: Mapping) -> list[str]:
-    """One line per baseline, the R@10 column, and where the random span's video lengths came from."""
+    """The scorer and the protocol, one line per baseline, the R@10 column, and where the random
+    span's video lengths came from."""
     bl = results.get("baselines", {})
-    notes = [f"{BASELINE_LABELS[k]}: {bl[k]['description']}; over the model row's turns."
-             for k in BASELINE_LABELS if k in bl]
+    notes = [SCORER_NOTE.get(results.get("scorer"), f"scorer {results.get('scorer')}: the released metrics/eval.py "
+                             "exactly (its first-sample skip, None == None, its exceptions)")]
+    if protocol_note(results):
+        notes.append(protocol_note(results))
+    notes += [f"{BASELINE_LABELS[k]}: {bl[k]['description']}; over the model row's turns."
+              for k in BASELINE_LABELS if k in bl]
     notes.append(R10_NOTES[results.get("r10_candidates", "annotation")])
     du = bl.get("durations")
     if du and du["moment_turns"]:
@@ -172,9 +220,9 @@ def markdown_report(results: Mapping, timings: Mapping[str, Sequence[float]] | N
     cols = _headline_cols(results)
     lines = [f"# {title}", ""]
     nd = results.get("n_dialogues", {})
-    lines.append(f"History: {results.get('history')} · matched by {results.get('match')} · language "
-                 f"{results.get('lang')} · dialogues evaluated {nd.get('evaluated')} / test split "
-                 f"{nd.get('end_to_end')}.")
+    lines.append(f"History: {results.get('history')} · scorer {results.get('scorer')} · matched by "
+                 f"{results.get('match')} · language {results.get('lang')} · dialogues evaluated "
+                 f"{nd.get('evaluated')} / test split {nd.get('end_to_end')}.")
     lines += ["", "Recalls, mIoU and intent accuracy in %; BLEU-4 as a fraction (as in paper Table 2; "
               "sacrebleu score / 100). `evaluated`: turns with a prediction; `end_to_end`: every test "
               "turn, a missing prediction counting as a failure.", ""]
