@@ -38,14 +38,14 @@ def test_prompt_text_is_exact_for_a_two_turn_dialogue(tokenizer):
         "<s>[INST] <<SYS>>\nYou are an excellent video retrieval AI assistant.\n<</SYS>>\n\n"
         f"Candidate videos : {cands}.A man dances 0. [/INST] The intent is retrieval. video 3 matches 0. </s>"
         "<s>[INST] Current video : <VID> 3 </VID> <VIDEO> <VIDEOTOKEN> </VIDEO>. The video contains 8 frames "
-        "sampled at 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5 seconds..When does he jump 0? [/INST] "
+        "sampled at 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5 seconds.When does he jump 0? [/INST] "
         "Found in video 3 at 1.0s-2.5s. </s>"
     )
     assert s.text == expected
-    # the reference's double dot can be turned off, and so can the frame-time sentence
-    s1 = build_sample(d, 1, tokenizer, SampleConfig(retrieval_frames=4, moment_frames=8, double_dot=False),
+    # the earlier reading's double dot is an option, and the frame-time sentence can be dropped
+    s1 = build_sample(d, 1, tokenizer, SampleConfig(retrieval_frames=4, moment_frames=8, double_dot=True),
                       timestamps=TS)
-    assert "3.5 seconds.When does he jump 0?" in s1.text
+    assert "3.5 seconds..When does he jump 0?" in s1.text
     s2 = build_sample(d, 1, tokenizer, SampleConfig(retrieval_frames=4, moment_frames=8, frame_message=False))
     assert "<VIDEO> <VIDEOTOKEN> </VIDEO>.When does he jump 0? [/INST]" in s2.text
     # without timestamps the moment turn cannot be written
@@ -177,7 +177,7 @@ def test_chinese_switch_uses_chinese_text_with_the_same_template(tokenizer):
     d = parse_record(0, dialogue(), lang="zh")
     s = build_sample(d, 1, tokenizer, CFG, timestamps=TS)
     assert "</VIDEO>.一个男人在跳舞0。 [/INST] 视频3符合0。 </s>" in s.text
-    assert "Current video : <VID> 3 </VID>" in s.text and "seconds..他什么时候跳0？ [/INST] 在1.0到2.5秒。 </s>" in s.text
+    assert "Current video : <VID> 3 </VID>" in s.text and "seconds.他什么时候跳0？ [/INST] 在1.0到2.5秒。 </s>" in s.text
     sup = s.labels[s.labels != IGNORE].tolist()
     assert tokenizer.decode(sup, skip_special_tokens=True).strip() == "在1.0到2.5秒。"
 

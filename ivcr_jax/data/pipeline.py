@@ -119,6 +119,8 @@ class PipelineConfig:
             max_len=int(get("max_len", sc.max_len)),
             max_retrieval_videos=get("max_retrieval_videos", None),
             max_moment_videos=get("max_moment_videos", None),
+            frame_message=bool(get("frame_message", sc.frame_message)),
+            double_dot=bool(get("double_dot", sc.double_dot)),
             video_root=get("video_root", None) or None,
         )
         kw = dict(

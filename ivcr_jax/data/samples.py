@@ -11,10 +11,13 @@ A sample for turn ``t`` of a dialogue renders turns ``first..t`` as::
 with user texts
 
 * retrieval: ``Candidate videos : <VID> 1 </VID> <VIDEO> <VIDEOTOKEN> </VIDEO>,<VID> 2 </VID> ... <VID> 10 </VID> <VIDEO> <VIDEOTOKEN> </VIDEO>.{question}``
-* moment: ``Current video : <VID> {k} </VID> <VIDEO> <VIDEOTOKEN> </VIDEO>. The video contains N frames sampled at t1, ..., tN seconds..{question}``
+* moment: ``Current video : <VID> {k} </VID> <VIDEO> <VIDEOTOKEN> </VIDEO>. The video contains N frames sampled at t1, ..., tN seconds.{question}``
   (k = the "video N" of the turn's ground-truth answer, else the previous retrieval turn's target,
-  else 1). The doubled period is the reference's (reproduced on purpose; ``double_dot=False``
-  removes it); ``frame_message=False`` drops the frame-time sentence altogether.
+  else 1). This is the reference HEAD's text: its ``load_video`` message ends in ``seconds`` (no
+  period) and the dataset inserts it as ``"</VIDEO>. " + message + ".{question}"``.
+  ``double_dot=True`` renders ``seconds..{question}`` instead (an earlier reading of the reference,
+  kept as an option for runs made with it; ``config.data.double_dot``); ``frame_message=False``
+  drops the frame-time sentence altogether (``config.data.frame_message``).
 * chat: ``{question}``.
 
 The text is rendered by hand exactly as HF's Llama-2-chat template renders these messages (the test
@@ -76,7 +79,9 @@ class SampleConfig:
         pads each frame-count group to the sum of the caps of the kinds in it); None = no cap.
       window / tokens_per_window: the video Q-Former's window (32 frames) and its output (32 tokens):
         a video of F frames gives ``tokens_per_window * ceil(F / window)`` LLM tokens.
-      frame_message / double_dot: the moment turn's frame-time sentence and the reference's "..".
+      frame_message: write the moment turn's frame-time sentence (the reference does).
+      double_dot: end that sentence with an extra period, ``seconds..{question}`` (not the reference
+        HEAD, which renders ``seconds.{question}``; an option reproducing an earlier reading of it).
       video_root: directory that the JSON's relative video paths are resolved against.
     """
 
@@ -92,7 +97,7 @@ class SampleConfig:
     tokens_per_window: int = 32
     system_message: str = SYSTEM_MESSAGE
     frame_message: bool = True
-    double_dot: bool = True  # reference quirk: "seconds..{question}"
+    double_dot: bool = False  # True: "seconds..{question}" (HEAD: "seconds.{question}")
     video_root: str | None = None
 
     @classmethod
