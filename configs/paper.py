@@ -72,6 +72,8 @@ def data_config(tiny: bool = False, head64: bool = False) -> mlc.ConfigDict:
     d.max_moment_videos = 2
     d.workers = 0
     d.cache_videos = 0               # videos kept decoded in memory (for corpora that fit); 0 = none
+    d.frame_message = True           # moment turns: "... </VIDEO>. The video contains N frames sampled at ... seconds"
+    d.double_dot = False             # True: "seconds..{question}" (an earlier reading); HEAD: "seconds.{question}"
     return d
 
 
@@ -104,6 +106,15 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
         lr_mults=(),         # ((regex, multiplier), ...) over trainable parameter paths
         aux_loss_mode="faithful",   # "faithful" (reference, no gradient) | "differentiable" | "off"
         alpha=0.01, beta=0.01,      # weights of the video-index and moment losses
+        # faithful L_V / L_C chosen as the reference does, by the sample's <VIDEOTOKEN> count
+        # (1 → L_C, 10 → L_V, other → L_C := 1) | "kind": by the last turn's kind
+        faithful_select="videotokens",
+        # the aux terms from this batch on; 0 = from the start; the reference: batches per epoch
+        # (they start at epoch 1)
+        aux_start_step=0,
+        # "token_mean": over every supervised token of the batch | "sample_mean": each sample's
+        # token mean, then the mean over samples (the reference: batch 1 × accumulation 4)
+        lm_loss_reduction="token_mean",
         ckpt_every=500, keep_checkpoints=3,
         log_every=10,        # steps per metrics row (the mean over them)
         # Held-out monitor: every eval_every steps (0 = off) the first eval_samples samples of

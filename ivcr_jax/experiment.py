@@ -39,6 +39,8 @@ from ivcr_jax.models.interllava import InterLLaVAConfig
 from ivcr_jax.tokenizer import bundled_test_tokenizer, load_tokenizer
 
 AUX_LOSS_MODES = ("faithful", "differentiable", "off")
+FAITHFUL_SELECTS = ("videotokens", "kind")            # train/losses.py faithful_aux
+LM_LOSS_REDUCTIONS = ("token_mean", "sample_mean")    # train/losses.py lm_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,13 @@ class TrainConfig:
     """``config.train``: batch size and steps, AdamW and its schedule, the aux losses, checkpoints.
 
     ``batch_size`` is the global batch of one step; ``grad_accum = k`` averages k such batches per
-    update; ``steps``, ``warmup_steps`` and ``ckpt_every`` count batches.
+    update; ``steps``, ``warmup_steps``, ``ckpt_every`` and ``aux_start_step`` count batches.
+
+    The losses as the reference computes them (``ivcr/models/ivcr.py : IVCR.forward``): set
+    ``lm_loss_reduction="sample_mean"`` (its batch 1 × accumulation 4: each sample's token mean,
+    averaged over samples), ``aux_loss_mode="faithful"`` with ``faithful_select="videotokens"``
+    (L_V / L_C chosen by the sample's ``<VIDEOTOKEN>`` count), and ``aux_start_step`` = batches
+    per epoch (its ``flag = 1`` from epoch 1, ``ivcr/runners/runner_base.py : RunnerBase.train``).
     """
 
     batch_size: int
@@ -71,6 +79,15 @@ class TrainConfig:
     eval_samples: int = 24  # samples of the held-out slice: the first N of eval_split
     eval_split: str = "test"
     lm_head: str = "supervised"  # "supervised": logits only where the next token is a label | "all"
+    # "token_mean": the mean over every supervised token of the global batch | "sample_mean": each
+    # real sample's mean over its own supervised tokens, then the mean over samples (the reference)
+    lm_loss_reduction: str = "token_mean"
+    # faithful L_V / L_C chosen by "videotokens": the sample's video count (1 → L_C, 10 → L_V, other
+    # → L_C := 1; unparseable index → 0; the reference) | "kind": the last turn's kind (index ln 10)
+    faithful_select: str = "videotokens"
+    # the aux terms count from this batch index on (0 = from the start; the reference: batches per
+    # epoch, i.e. epoch >= 1); before it L_V = L_C = 0 and the loss is L_LM
+    aux_start_step: int = 0
 
     def __post_init__(self):
         positive = ("batch_size", "grad_accum", "steps", "ckpt_every", "keep_checkpoints", "log_every",
@@ -85,6 +102,14 @@ class TrainConfig:
         if self.aux_loss_mode not in AUX_LOSS_MODES:
             raise UsageError(f"config.train.aux_loss_mode must be one of {', '.join(AUX_LOSS_MODES)}, "
                              f"got {self.aux_loss_mode!r}")
+        if self.lm_loss_reduction not in LM_LOSS_REDUCTIONS:
+            raise UsageError(f"config.train.lm_loss_reduction must be one of {', '.join(LM_LOSS_REDUCTIONS)}, "
+                             f"got {self.lm_loss_reduction!r}")
+        if self.faithful_select not in FAITHFUL_SELECTS:
+            raise UsageError(f"config.train.faithful_select must be one of {', '.join(FAITHFUL_SELECTS)}, "
+                             f"got {self.faithful_select!r}")
+        if int(self.aux_start_step) < 0:
+            raise UsageError(f"config.train.aux_start_step must be >= 0 (0 = from the start), got {self.aux_start_step}")
         if not 0 <= int(self.warmup_steps) <= int(self.steps):
             raise UsageError(f"config.train.warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
         if not self.lr > 0:
@@ -148,10 +173,15 @@ class DataConfig:
     max_sample_turns: int | None = 7
     long_prefix: str = "drop"
     prepared: str = ""           # a dataset written by ``python -m ivcr_jax.data.prepare``
+    frame_message: bool = True   # moment turns carry "The video contains N frames sampled at ... seconds"
+    double_dot: bool = False     # True: "seconds..{question}"; the reference HEAD renders "seconds.{question}"
 
     def __post_init__(self):
         if self.lang not in ("en", "zh"):
             raise UsageError(f"config.data.lang must be 'en' or 'zh', got {self.lang!r}")
+        for name in ("frame_message", "double_dot"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"config.data.{name} must be true or false, got {getattr(self, name)!r}")
         if int(self.cache_videos) < 0:
             raise UsageError(f"config.data.cache_videos must be >= 0, got {self.cache_videos}")
 

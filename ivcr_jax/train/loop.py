@@ -92,11 +92,13 @@ def train(exp: Experiment, workdir: str | Path, *, max_steps: int | None = None,
     total = int(tc.steps if max_steps is None else min(tc.steps, max_steps))
 
     # --- the compiled step ---
-    aux = make_aux_mode(tc.aux_loss_mode, exp.tokenizer, alpha=tc.alpha, beta=tc.beta)
+    aux = make_aux_mode(tc.aux_loss_mode, exp.tokenizer, alpha=tc.alpha, beta=tc.beta,
+                        start_step=tc.aux_start_step, faithful_select=tc.faithful_select)
     # The LM head only where the next token is supervised (the differentiable aux losses read
     # logits everywhere: they get the full head).
     supervised_head = tc.lm_head == "supervised" and not aux.batch_targets
-    step_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule, aux, rng_impl=exp.rng_impl))
+    step_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule, aux, rng_impl=exp.rng_impl,
+                                                               lm_reduction=tc.lm_loss_reduction))
 
     # --- the held-out monitor ---
     # (one process only: generation over a mesh spanning processes is not supported yet)

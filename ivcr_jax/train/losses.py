@@ -1,14 +1,21 @@
 """Named losses of the multi-loss step (paper §4: L = L_LM + α·L_V + β·L_C).
 
 * ``lm``: token cross-entropy of the supervised answer (labels −100 elsewhere), next-token
-  shifted, averaged over supervised tokens of the (global) batch.
+  shifted, reduced over the (global) batch by ``train.lm_loss_reduction``:
+  - ``token_mean`` (default): the mean over every supervised token of the batch;
+  - ``sample_mean`` (the reference): each sample's mean over its own supervised tokens, then the
+    mean over the batch's real samples (weight > 0 and at least one supervised token). The
+    reference trains with batch 1 × gradient accumulation 4 (``train_configs/
+    stage2_finetune_IVCR.yaml``: ``batch_size_train: 1``, ``accum_grad_iters: 4``) and takes HF's
+    causal-LM loss (``ivcr/models/modeling_llama.py : LlamaForCausalLM.forward``: shifted
+    ``CrossEntropyLoss()``, a mean over the sample's non −100 labels), so each sample weighs the
+    same whatever its answer length.
 * ``video`` (L_V) and ``moment`` (L_C) in two modes (config ``train.aux_loss_mode``):
-  - ``faithful``: as the reference computes them (reference-architecture §8.6): from the argmax of
-    the teacher-forced logits, decoded to text and parsed; L_V = CE of a *constant* logit vector
-    (0.01 everywhere, 10 at the parsed index) against the GT index, L_C = 1 − IoU of the parsed
-    span, with the reference's parse-failure value (IoU := 1, i.e. no penalty) reproduced. They
-    are constants with respect to the parameters: they are logged, and add nothing to gradients.
-    They are computed on the host after the step (see :func:`faithful_aux`).
+  - ``faithful``: as the reference computes them (``ivcr/models/ivcr.py : IVCR.forward``, the
+    ``flag == 1`` block; reference-architecture §8.6): from the argmax of the teacher-forced
+    logits, decoded to text and parsed. They are constants with respect to the parameters: they
+    are logged, and add nothing to gradients. They are computed on the host after the step (see
+    :func:`faithful_aux`, which says how a sample's term is chosen and scored).
   - ``differentiable``: see ``ivcr_jax/train/aux_losses.py``.
 
 ``train/aux.py`` turns the mode into one object that the step and the loop call.
@@ -16,6 +23,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping
 
 import jax
@@ -26,14 +34,24 @@ from jax.experimental import multihost_utils
 from ivcr_jax.data.answers import iou, parse_moment, parse_video_index
 
 
+LM_REDUCTIONS = ("token_mean", "sample_mean")
+
+
 def lm_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array | None = None,
-            index: jax.Array | None = None):
-    """Mean next-token CE over supervised positions → ``(loss, n_tokens)``.
+            index: jax.Array | None = None, reduction: str = "token_mean"):
+    """Next-token CE over supervised positions → ``(loss, n_tokens)``.
 
     ``logits [B, S, V]`` fp32 predict token ``t+1`` at position ``t``; ``labels [B, S]`` hold
     the target id at each position or −100. With ``index [B, K]`` (``loss_index``: positions,
-    −1 = none) the logits are ``[B, K, V]`` at those positions only.
+    −1 = none) the logits are ``[B, K, V]`` at those positions only. Rows of weight 0 (padding,
+    skipped samples) count nowhere. ``reduction``: ``"token_mean"``, the mean over all supervised
+    tokens of the batch; ``"sample_mean"``, the mean over the rows that have supervised tokens of
+    each row's own token mean (the reference's batch-1 loss, averaged over samples). Both are sums
+    over the batch axis inside the jitted step, so a data-sharded global batch (one or several
+    processes) gives the global value.
     """
+    if reduction not in LM_REDUCTIONS:
+        raise ValueError(f"lm_loss reduction must be one of {LM_REDUCTIONS}, got {reduction!r}")
     if index is None:
         logits, targets = logits[:, :-1], labels[:, 1:]
     else:
@@ -46,6 +64,11 @@ def lm_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array | None = Non
     tgt = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
     nll = jnp.where(mask, logz - tgt.astype(jnp.float32), 0.0)
     n = mask.sum()
+    if reduction == "sample_mean":
+        n_row = mask.sum(axis=1)
+        real = n_row > 0
+        per_row = nll.sum(axis=1) / jnp.maximum(n_row, 1).astype(jnp.float32)
+        return jnp.where(real, per_row, 0.0).sum() / jnp.maximum(real.sum(), 1).astype(jnp.float32), n
     return nll.sum() / jnp.maximum(n, 1), n
 
 
@@ -81,25 +104,105 @@ _CONST_RIGHT = -math.log(math.exp(10.0) / (math.exp(10.0) + 9 * math.exp(0.01)))
 _CONST_WRONG = -math.log(math.exp(0.01) / (math.exp(10.0) + 9 * math.exp(0.01)))
 _CONST_NONE = math.log(10.0)
 
+FAITHFUL_SELECTS = ("videotokens", "kind")
+_FIRST_NUMBER = re.compile(r"\d+")
 
-def faithful_aux(pred_ids: np.ndarray, batch: Mapping[str, Any], tokenizer) -> dict[str, float]:
-    """The reference's L_V and L_C for one batch, from argmax ids (host side, no gradient)."""
+
+def reference_video_index(text: str) -> int | None:
+    """The reference's reading of a predicted retrieval answer: the first integer of the text's
+    second ``.``-separated piece (``IVCR.forward``: ``find_number(pre_text.split('.')[1]) - 1``,
+    ``find_number`` from ``metrics/tvg/eval_video.py``, 0 when there is none), kept when it is
+    1..10 (the reference's ``0 <= index <= 9``), else None. Text without a ``.`` is None (the
+    reference raises ``IndexError`` there)."""
+    parts = text.split(".")
+    if len(parts) < 2:
+        return None
+    m = _FIRST_NUMBER.search(parts[1])
+    n = int(m.group()) if m else 0
+    return n if 1 <= n <= 10 else None
+
+
+def video_counts(batch: Mapping[str, Any]) -> np.ndarray:
+    """int [B]: the videos each row shows, i.e. its ``<VIDEOTOKEN>`` placeholders before expansion
+    (each video of a sample has its own slot, ``data/samples.py`` ``Sample.videos``): the sum of
+    ``videos[group]["video_mask"]`` over the groups, or ``batch["num_videos"]`` when given."""
+    if "num_videos" in batch:
+        return np.asarray(batch["num_videos"]).astype(np.int64)
+    groups = batch.get("videos") or {}
+    B = len(np.asarray(batch["labels"]))
+    n = np.zeros(B, np.int64)
+    for grp in groups.values():
+        n += np.asarray(grp["video_mask"]).reshape(B, -1).sum(axis=1)
+    return n
+
+
+def faithful_aux(pred_ids: np.ndarray, batch: Mapping[str, Any], tokenizer,
+                 select: str = "videotokens") -> dict[str, float]:
+    """The reference's L_V and L_C for one batch, from argmax ids (host side, no gradient).
+
+    ``select="videotokens"`` (default, the reference): ``ivcr/models/ivcr.py : IVCR.forward``,
+    ``flag == 1`` block, chooses per sample by ``len(token_pos_list)``, the number of
+    ``<VIDEOTOKEN>`` ids in the sample's whole ``input_ids`` (every turn of the prefix, history
+    included), with ``iou_loss = 0`` and ``index_loss = 0`` beforehand and
+    ``loss = outputs.loss + 0.01 * ((1 - iou_loss) + index_loss)`` after. Per real sample:
+
+    * 1 video → L_C = 1 − IoU(``extract_time(pred)``, gt); a prediction without a span sets
+      ``iou_loss = 1.`` (L_C = 0, the reference's no-penalty bug); L_V = 0. A sample with no
+      ground-truth span scores IoU 0 (the reference's ``iou`` returns 0 for an empty gt).
+    * 10 videos → ``iou_loss = 1.`` (L_C = 0); L_V = ``CrossEntropyLoss`` of the constant logits
+      (0.01 everywhere, 10 at the parsed index) against the gt index, where the index is read by
+      :func:`reference_video_index`; an unparseable answer (or one outside 1..10, or no gt)
+      scores **0** (``index_loss = 0.``).
+    * any other count (a retrieval turn followed by a moment turn has 11, chat-only 0) →
+      neither branch runs: L_V = 0 and L_C = 1 − 0 = **1**, a constant the reference adds
+      (0.01 × 1) to every such sample's loss.
+
+    Both losses are then means over the batch's real samples (the reference's per-sample total,
+    ``LM + 0.01·(L_C + L_V)``, averaged over samples, is ``LM + α·L_V + β·L_C`` of these means).
+    The span is read by :func:`ivcr_jax.data.answers.parse_moment` (TimeChat's ``extract_time``,
+    ``utils/format_tvg.py``, with more formats); the decoded text is the argmax at the positions
+    that predict the supervised tokens (the reference decodes from one position earlier to the
+    end, ``pre_logits[:, end_index-1:]`` — the same ids plus the argmax after the final ``</s>``).
+
+    ``select="kind"`` (this port's earlier variant): by the supervised (last) turn's ``kind``
+    (1 retrieval → L_V, 2 moment → L_C, chat → neither), the index read by
+    :func:`ivcr_jax.data.answers.parse_video_index` with an unparseable answer scored ln 10 (a
+    uniform guess), and each loss the mean over the samples of its kind.
+    """
+    if select not in FAITHFUL_SELECTS:
+        raise ValueError(f"faithful_aux select must be one of {FAITHFUL_SELECTS}, got {select!r}")
     kinds = np.asarray(batch["kind"])
     weight = np.asarray(batch.get("weight", np.ones(len(kinds))))
     answers = predicted_answer_ids(np.asarray(pred_ids), np.asarray(batch["labels"]), batch.get("loss_index"))
+    counts = video_counts(batch) if select == "videotokens" else None
     video, moment = [], []
     for i, ids in enumerate(answers):
         if weight[i] <= 0:
             continue
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        if kinds[i] == 1:
+        gt_index = int(batch["target_index"][i]) + 1           # 1-based; 0 = none
+        gt_span = tuple(np.asarray(batch["gt_span"][i]).tolist())
+        if select == "videotokens":
+            v = m = 0.0
+            if counts[i] == 1:
+                span = parse_moment(text)
+                if span is not None:
+                    m = 1.0 - (iou(span, gt_span) if min(gt_span) >= 0 else 0.0)
+            elif counts[i] == 10:
+                n = reference_video_index(text)
+                if n is not None and gt_index >= 1:
+                    v = _CONST_RIGHT if n == gt_index else _CONST_WRONG
+            else:
+                m = 1.0
+            video.append(v)
+            moment.append(m)
+        elif kinds[i] == 1:
             n = parse_video_index(text)
-            gt = int(batch["target_index"][i]) + 1
-            video.append(_CONST_NONE if n is None else (_CONST_RIGHT if n == gt else _CONST_WRONG))
+            video.append(_CONST_NONE if n is None else (_CONST_RIGHT if n == gt_index else _CONST_WRONG))
         elif kinds[i] == 2:
             span = parse_moment(text)
             # Reproduced reference bug: a parse failure sets IoU to 1.0, i.e. no penalty.
-            v = 1.0 if span is None else iou(span, tuple(np.asarray(batch["gt_span"][i]).tolist()))
+            v = 1.0 if span is None else iou(span, gt_span)
             moment.append(1.0 - v)
     return {"video": float(np.mean(video)) if video else 0.0,
             "moment": float(np.mean(moment)) if moment else 0.0,

@@ -32,23 +32,31 @@ def state_shardings(params, tx: optax.GradientTransformation, seed: int, mesh, r
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, aux: AuxMode, *,
-                    rng_impl: str | None = None) -> Callable:
+                    rng_impl: str | None = None, lm_reduction: str = "token_mean") -> Callable:
     """Build ``step(state, frozen, batch) -> (state, metrics, outputs)`` (not yet jitted).
 
     ``aux`` (``train/aux.py``) is the aux-loss mode: its forward pass, its differentiable terms
-    (added to the LM loss with their weights) and the outputs the host reads after the step.
+    (added to the LM loss with their weights from ``aux.start_step`` on) and the outputs the host
+    reads after the step. ``lm_reduction`` is ``train.lm_loss_reduction`` (``losses.lm_loss``).
     """
+    if lm_reduction not in L.LM_REDUCTIONS:
+        raise ValueError(f"train.lm_loss_reduction must be one of {L.LM_REDUCTIONS}, got {lm_reduction!r}")
+    start = int(getattr(aux, "start_step", 0))
 
     def step(state, frozen, batch):
         # Dropout keys: the base key folded with the step, so a resumed run draws the same masks.
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl=rng_impl), state["step"])
+        # The aux terms from batch ``start`` on: a traced comparison, so the step compiles once.
+        aux_on = state["step"] >= start
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, frozen)
             logits, extra = aux.forward(model, batch, rng)
-            lm, ntok = L.lm_loss(logits, batch["labels"], batch.get("weight"), batch.get("loss_index"))
+            lm, ntok = L.lm_loss(logits, batch["labels"], batch.get("weight"), batch.get("loss_index"),
+                                 reduction=lm_reduction)
             parts, total = {"lm": lm}, lm
             for name, (weight, value) in aux.terms(logits, extra, batch).items():
+                value = jnp.where(aux_on, value, 0.0)   # 0 (and no gradient) before the start
                 parts[name] = value
                 total = total + weight * value
             return total, (parts, ntok, aux.outputs(logits))
@@ -63,7 +71,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
         metrics = {"loss": total, **{f"loss/{k}": v for k, v in parts.items()},
                    "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
                    "lr": schedule(state["step"]), "tokens": ntok,
-                   "finite": finite}
+                   "finite": finite, "aux_on": aux_on.astype(jnp.float32)}
         new = {"params": params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}
         return new, metrics, outputs
 
