@@ -6,12 +6,19 @@
   (MaxText's ``initialize_jax_for_gpu`` convention).
 * CPU (tests): the same variables; collectives go through gloo.
 Call :func:`initialize` before any other JAX call. Single-process runs need nothing.
+
+Every process runs the same program. The helpers below are what a multi-process program needs
+around that: :func:`is_writer` (only process 0 writes a run's files), :func:`spans_processes`
+(whether a mesh's computations are collective, so every process must call them with equally
+shaped global inputs) and :func:`allgather` (one small host-side all-gather, e.g. to agree a
+data-dependent shape, as the training input agrees its text length).
 """
 from __future__ import annotations
 
 import os
 
 import jax
+import numpy as np
 
 
 _INITIALISED = False
@@ -56,3 +63,31 @@ def initialize(mode: str = "auto", *, compilation_cache: str | None = None) -> s
         jax.distributed.initialize()
     _INITIALISED = True
     return mode
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run's files (predictions, metrics, reports, checkpoints'
+    side files): process 0, so every single-process run."""
+    return jax.process_index() == 0
+
+
+def spans_processes(mesh) -> bool:
+    """Whether ``mesh`` holds devices of more than one process (its computations are collective:
+    every process must run them, with global inputs of one agreed shape)."""
+    if mesh is None:
+        return False
+    return len({d.process_index for d in np.asarray(mesh.devices).flat}) > 1
+
+
+def allgather(x) -> np.ndarray:
+    """``[process_count, *x.shape]``: every process's (small, host) ``x``, on every process.
+
+    One collective over all processes (each must call it, in the same order); a single process
+    gets ``x[None]`` without one.
+    """
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x))

@@ -4,7 +4,7 @@ held-out monitor share.
 :func:`answer_samples` builds each sample's inference prompt (``data/prompts.py``: the turn's
 history with ground-truth answers, or with the model's own under ``history="model"``), packs
 prompts into batches in waves of equal turn index (so a turn follows its dialogue's previous
-one) and runs the KV-cache generator (``models/generate.py``). It yields one :class:`Answered`
+one), shows each turn only videos the system could know (:func:`shown_dialogue`), and runs the KV-cache generator (``models/generate.py``). It yields one :class:`Answered`
 or :class:`Skipped` per sample, in order.
 
 :func:`monitor_scores` is the quick score the training loop logs: retrieval R@1, moment
@@ -25,7 +25,7 @@ from ivcr_jax.data.prompts import Prompt, PromptLoader, clean_answer
 from ivcr_jax.data.samples import SampleRef, SampleTooLong
 from ivcr_jax.models.generate import Generation, Generator
 
-__all__ = ["Answered", "Skipped", "answer_samples", "monitor_scores"]
+__all__ = ["Answered", "Skipped", "answer_samples", "monitor_scores", "shown_dialogue", "with_history"]
 
 
 @dataclasses.dataclass
@@ -73,6 +73,37 @@ def with_history(dialogue, turn_idx: int, answers: Mapping[tuple[int, int], str]
     return dataclasses.replace(dialogue, turns=tuple(turns))
 
 
+def shown_dialogue(dialogue, turn_idx: int, answers: Mapping[tuple[int, int], str] | None = None):
+    """``dialogue`` as the system can show it at turn ``turn_idx``: no video the system could not know.
+
+    * A first-turn moment is shown the first stage's top-1 (candidate 1), not the ground-truth
+      video; under the reference's test filter they are the same video, without it this is no oracle.
+    * ``answers`` (the closed loop, ``history="model"``): the earlier turns carry the model's own
+      answers (:func:`with_history`), and a moment turn after a retrieval turn is shown the candidate
+      the model chose there (its "video N", read by ``data/answers.py``; candidate 1 when it named
+      none), numbered so in ``Current video : <VID> k </VID>``. Without ``answers`` (teacher
+      forcing, as the reference) such a turn shows the ground-truth video.
+    """
+    if answers is not None:
+        dialogue = with_history(dialogue, turn_idx, answers)
+    turns = list(dialogue.turns)
+    chosen = None   # (k, video) the last retrieval turn led to, in the closed loop
+    for j in range(min(turn_idx + 1, len(turns))):
+        t = turns[j]
+        if t.kind == "retrieval":
+            chosen = None
+            if answers is not None and (dialogue.index, j) in answers and t.candidate_videos:
+                k = parse_video_index(answers[(dialogue.index, j)])
+                k = k if k is not None and 1 <= k <= len(t.candidate_videos) else 1
+                chosen = (k, t.candidate_videos[k - 1])
+        elif t.kind == "moment":
+            if j == 0 and t.candidate_videos:
+                turns[j] = dataclasses.replace(t, video_id=t.candidate_videos[0])
+            elif chosen is not None:
+                turns[j] = dataclasses.replace(t, video_id=chosen[1], answer_video=chosen[0])
+    return dataclasses.replace(dialogue, turns=tuple(turns))
+
+
 def answer_samples(refs: Sequence[SampleRef], loader: PromptLoader, gen: Generator, tokenizer, *,
                    batch_size: int, history: str = "teacher", temperature: float = 0.0, top_p: float = 1.0,
                    key: jax.Array | None = None) -> Iterator[Answered | Skipped]:
@@ -87,7 +118,7 @@ def answer_samples(refs: Sequence[SampleRef], loader: PromptLoader, gen: Generat
     for chunk in _waves(refs, batch_size):
         prompts, ok = [], []
         for ref in chunk:
-            d = with_history(ref.dialogue, ref.turn_idx, answers) if history == "model" else ref.dialogue
+            d = shown_dialogue(ref.dialogue, ref.turn_idx, answers if history == "model" else None)
             try:
                 prompts.append(loader.prompt(d, ref.turn_idx, ref.sample_id))
                 ok.append(ref)

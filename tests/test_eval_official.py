@@ -172,3 +172,20 @@ def test_reference_result_json(tmp_path, corpus, capsys):
     assert main(["--annotations", str(corpus), "--predictions", str(rj), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "entry 0" in err and "does not end with the question of sample 0" in err and "Traceback" not in err
+
+
+def test_shown_dialogue_uses_no_video_the_system_could_not_know(test_split):
+    """A first-turn moment is shown the first stage's top-1; in the closed loop a moment turn after a
+    retrieval turn is shown the candidate the model chose, numbered so; teacher forcing shows the GT."""
+    from ivcr_jax.rollout import shown_dialogue
+
+    dialogues, _ = test_split
+    r0, r3 = dialogues[0], dialogues[3]
+    assert r3.turns[0].video_id == "S/w3.mp4" and shown_dialogue(r3, 0).turns[0].video_id == "S/w0.mp4"
+    teacher = shown_dialogue(r0, 1)
+    assert teacher.turns[1].video_id == r0.turns[1].video_id and teacher.turns[0].answer == r0.turns[0].answer
+    loop = shown_dialogue(r0, 1, {(r0.index, 0): "It is video 7."})
+    assert loop.turns[0].answer == "It is video 7."
+    assert loop.turns[1].video_id == "S/x6.mp4" and loop.turns[1].answer_video == 7
+    unparsed = shown_dialogue(r0, 1, {(r0.index, 0): "no idea"})
+    assert unparsed.turns[1].video_id == "S/x0.mp4" and unparsed.turns[1].answer_video == 1

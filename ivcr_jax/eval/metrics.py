@@ -7,22 +7,38 @@ Units in the returned dictionaries: recalls, intent accuracy and mIoU are **perc
 as in the paper's tables; ``BLEU-4`` is a **fraction** (0–1), as in Table 2 (sacrebleu's 0–100
 score divided by 100), and ``BLEU-4 (sacrebleu)`` keeps the 0–100 score.
 
-Differences from the reference, on purpose:
+Scorers (``scorer=``; docs/evaluation.md has the whole comparison with the reference):
 
-* The reference skipped the first retrieval sample and the first moment sample (its
-  dict-initialisation branch never scored them). That bug is **not** reproduced: every turn counts.
-* Both denominators are reported. ``evaluated``: the turns that have a prediction. ``end_to_end``:
-  every turn of the test split (``all_test_turns``, type ≠ [0]); a turn without a prediction — e.g.
-  its dialogue was dropped upstream because the retriever missed the ground truth — is a failure
-  (IoU 0). The reference's R@1 / IoU numbers use the end-to-end denominator.
-* An unparseable answer is a miss (IoU 0), never an error. TimeChat's parser returned [0, 0].
-* Predictions are matched by ``text_id``; ``match="question"`` reproduces the reference's matching
-  by the exact user-question string (where one question string occurs in several turns, all of
-  them receive the same prediction, as in the reference; the count is reported).
-* R@10 is whether the ground-truth ``video_id`` is in the candidate list the turn actually used:
-  the annotation's ``candidate_videos`` (the list the prompt shows), or, when the predictions file
-  says so per turn (``gt_in_retrieved_top10``, written by ``run_model`` with ``--index``), the
-  project's own retriever's top 10. ``results["r10_candidates"]`` says which.
+* ``official`` (the default, the headline): the released ``metrics/eval.py``'s parsers
+  (``data/official_answers.py``): the prediction's first ``video N`` (N in 0..10) and its first
+  ``a - b`` with ``extract_time``'s fallbacks; the ground truth read from the *answer text*
+  (``video N``, ``Ns-Ms``), as the reference reads it — where the text has none (the released
+  scorer cannot score such a turn), from the record (candidate position, ``gt_se``), counted in
+  ``protocol["gt_read_from_record"]``. Its first-sample skip (the dict-initialisation branch of
+  ``cal_reslut`` never scores the first retrieval and the first moment sample) is fixed.
+* ``lenient``: the project's parsers (``data/answers.py``: ordinals, "from a to b", clock times…),
+  the ground truth from ``gt_se`` and the candidate position; given beside the headline
+  (``results["scorers"]``), never in its place.
+* ``reference_bugs=True``: the released scorer exactly — the skip, ``None == None`` counted as a
+  hit, and an exception (:class:`~ivcr_jax.data.official_answers.OfficialScorerError`) where it
+  raises. ``benchmarks/reference_scorer.py`` runs the reference's own code beside ours.
+
+Which turns count (``test_filter=``, ``eval/protocol.py``): ``"reference"`` scores only the
+reference's test samples (its notebook's filter: the first stage got the first turn right; turns
+1–7), a prediction for any other turn is ignored; ``"none"`` scores every turn with a prediction.
+Both denominators are reported. ``evaluated``: the turns that have a prediction. ``end_to_end``:
+every turn of the test split (type ≠ [0]), the turns of records skipped as malformed included
+(``skipped_turns``), as the reference counts them from the raw JSON; a turn without a prediction
+is a failure (IoU 0). The reference's R@1 / IoU numbers use the end-to-end denominator.
+
+An unparseable answer is a miss (IoU 0), never an error. Predictions are matched by ``text_id``;
+``match="question"`` reproduces the reference's ``find_sentence`` (the raw question string, the
+first prediction with it; where one question string occurs in several turns, all of them receive
+the same prediction, as in the reference; the count is reported). R@10 is whether the
+ground-truth ``video_id`` is in the candidate list the turn actually used: the annotation's
+``candidate_videos`` (the list the prompt shows), or, when the predictions file says so per turn
+(``gt_in_retrieved_top10``, written by ``run_model`` with ``--index``), the project's own
+retriever's top 10. ``results["r10_candidates"]`` says which.
 
 Baselines (``results["baselines"]``), over the same turns as the model's rows: ``random``, the
 **exact expectation** of a uniform choice among a retrieval turn's candidates and of a uniform

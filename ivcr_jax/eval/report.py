@@ -19,6 +19,8 @@ import numpy as np
 
 __all__ = [
     "HEADLINE_COLUMNS",
+    "closed_loop_summary",
+    "protocol_note",
     "timing_summary",
     "format_table",
     "markdown_report",
@@ -152,6 +154,31 @@ def _per_turn_cols(results: Mapping) -> list[str]:
     return ["n_retrieval", "R@1", "n_moment", *(f"R@1 IoU={t:g}" for t in th), "mIoU"]
 
 
+def closed_loop_summary(results: Mapping, predictions: str) -> dict:
+    """The parts of a closed-loop (``--history model``) evaluation shown beside the teacher-forced
+    one: headline rows of each scorer and the per-turn tables (plain and cascade)."""
+    keep = ("scorer", "evaluated", "end_to_end", "scorers", "per_turn", "per_turn_cascade")
+    return {"predictions": predictions, **{k: results[k] for k in keep},
+            "intent_accuracy": results.get("intent", {}).get("accuracy")}
+
+
+def _closed_loop_rows(results: Mapping, cols: Sequence[str]) -> list[list[str]]:
+    """End to end: teacher-forced and closed-loop rows, for each scorer."""
+    cl = results["closed_loop"]
+    cells = lambda m: [_fmt(m.get(c), 4 if c == "BLEU-4" else 2) for c in cols]
+    rows = [["teacher history", *cells(results["end_to_end"])], ["model history (closed loop)", *cells(cl["end_to_end"])]]
+    for name in results.get("scorers", {}):
+        if name in cl["scorers"] and not (name == results.get("scorer") or results.get("scorer", "").startswith(name + " (")):
+            rows.append([f"teacher history · {SCORER_LABELS.get(name, name)}", *cells(results["scorers"][name]["end_to_end"])])
+            rows.append([f"model history · {SCORER_LABELS.get(name, name)}", *cells(cl["scorers"][name]["end_to_end"])])
+    return rows
+
+
+CLOSED_LOOP_NOTE = ("closed loop: each test dialogue is run turn by turn with the model's own earlier answers in "
+                    "the history and, on a moment turn after a retrieval turn, the video the model chose there "
+                    "(what a user of the system sees); teacher: the ground-truth history, as the reference evaluates.")
+
+
 def timing_summary(timings: Mapping[str, Sequence[float]] | None) -> dict[str, dict]:
     """Per stage: n, mean, p50, p95 (seconds). Stages with no samples are left out."""
     out = {}
@@ -191,6 +218,12 @@ def format_table(results: Mapping, timings: Mapping[str, Sequence[float]] | None
     for key, title in (("per_turn", "per turn (end to end)"), ("per_turn_cascade", "per turn, cascade rule (end to end)")):
         trs = results[key]["end_to_end"]
         parts.append(title + ":\n" + _text_table(["turn", *ptc], [[r["turn"], *(_fmt(r.get(c)) for c in ptc)] for r in trs]))
+    if "closed_loop" in results:
+        parts.append("end to end, teacher-forced vs closed loop:\n"
+                     + _text_table(["history", *(_col_label(results, c) for c in cols)], _closed_loop_rows(results, cols)))
+        trs = results["closed_loop"]["per_turn_cascade"]["end_to_end"]
+        parts.append("per turn, closed loop, cascade rule (end to end):\n" + _text_table(
+            ["turn", *ptc], [[r["turn"], *(_fmt(r.get(c)) for c in ptc)] for r in trs]))
     it = results.get("intent", {})
     if it.get("n"):
         parts.append(f"intent accuracy: {_fmt(it['accuracy'])}% over {it['n']} answered turns")
@@ -237,6 +270,16 @@ def markdown_report(results: Mapping, timings: Mapping[str, Sequence[float]] | N
         for scope in ("end_to_end", "evaluated"):
             trs = results[key][scope]
             lines += [f"**{scope}**", "",
+                      _md_table(["turn", *ptc], [[r["turn"], *(_fmt(r.get(c)) for c in ptc)] for r in trs]), ""]
+    if "closed_loop" in results:
+        cl = results["closed_loop"]
+        lines += ["## Closed loop: the model's own history", "", CLOSED_LOOP_NOTE, "",
+                  _md_table(["end to end", *(_col_label(results, c) for c in cols)], _closed_loop_rows(results, cols)),
+                  "", f"Predictions: `{cl['predictions']}`.", ""]
+        for key, title_ in (("per_turn", "Per turn, closed loop"),
+                            ("per_turn_cascade", "Per turn, closed loop, cascade rule")):
+            trs = cl[key]["end_to_end"]
+            lines += [f"**{title_} (end to end)**", "",
                       _md_table(["turn", *ptc], [[r["turn"], *(_fmt(r.get(c)) for c in ptc)] for r in trs]), ""]
     it = results.get("intent", {})
     if it.get("n"):

@@ -1,16 +1,26 @@
 """Model-driven evaluation: run InterLLaVA over the test dialogues, write predictions, score them.
 
     python -m ivcr_jax.eval --config configs/paper.py:tiny --checkpoint WORKDIR_OR_CONVERTED_DIR \\
-        [--split test] [--annotations FILE] [--out DIR] [--history teacher|model] [--max-samples N] \\
+        [--split test] [--annotations FILE] [--out DIR] [--history teacher|model|both] [--max-samples N] \\
+        [--test-filter reference|none] [--scorer official|lenient] [--reference-bugs] \\
         [--config.eval.batch_size=8] [--config.eval.temperature=1.0 --config.eval.top_p=0.8]
 
-Follows reference-architecture §8.2–§8.5: every turn of every test dialogue (type ≠ [0]) is a
-sample; its prompt holds the earlier turns with their **ground-truth** answers (``--history
-teacher``, as the reference evaluates) or with the model's own earlier answers (``--history
-model``), and ends after the turn's ``[/INST]`` (:func:`ivcr_jax.data.samples.build_prompt`).
-Turns are processed in waves of equal turn index, so in ``model`` mode turn ``t`` of a dialogue
-is prompted after its turn ``t - 1`` was answered; a turn that could not be run (missing video,
-prompt too long) keeps its ground-truth answer in later prompts.
+The samples run are the reference's test samples (``eval/protocol.py``, reference-architecture
+§8.2): its test filter keeps a dialogue only if the first stage got its first turn right (and
+leaves type-[7] dialogues without samples), every prefix of turns 1–7 is a sample, and the turns
+not run count as failures end to end. ``--test-filter none`` runs every dialogue. No video is shown
+that the system could not know (``rollout.shown_dialogue``): a first-turn moment is shown the first
+stage's top-1, not the ground-truth video (under the filter they are the same video).
+
+Each sample's prompt holds the earlier turns with their **ground-truth** answers (``--history
+teacher``, as the reference evaluates) or, in the closed loop (``--history model``), with the
+model's own earlier answers, and a moment turn after a retrieval turn is shown the video the model
+chose there; ``--history both`` runs both and reports them side by side (``predictions.jsonl``
+and ``predictions_model.jsonl``). The prompt ends after the turn's ``[/INST]``
+(:func:`ivcr_jax.data.samples.build_prompt`). Turns are processed in waves of equal turn index,
+so in the closed loop turn ``t`` of a dialogue is prompted after its turn ``t - 1`` was answered;
+a turn that could not be run (missing video, prompt too long) keeps its ground-truth answer in
+later prompts.
 
 Evaluation is deterministic: frames are sampled uniformly, decoding is greedy unless
 ``config.eval.temperature > 0`` (then sampled from ``config.seed``). The reference's evaluation was not
@@ -43,6 +53,7 @@ combination met.
 """
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -50,18 +61,20 @@ from typing import Sequence
 
 import jax
 
-from ivcr_jax import checkpoints
+from ivcr_jax import checkpoints, distributed
 from ivcr_jax.cli import UsageError
 from ivcr_jax.data.prompts import PromptLoader
-from ivcr_jax.data.samples import enumerate_samples
+from ivcr_jax.data.official_answers import OfficialScorerError
+from ivcr_jax.data.samples import SampleRef
 from ivcr_jax.eval.metrics import RETRIEVED_FIELD, evaluate_predictions, prior_span, read_predictions
-from ivcr_jax.eval.report import publish
+from ivcr_jax.eval import protocol
+from ivcr_jax.eval.report import closed_loop_summary, publish
 from ivcr_jax.experiment import Experiment
 from ivcr_jax.models.generate import Generator
 from ivcr_jax.rollout import Skipped, answer_samples
 from ivcr_jax.retrieval.search import Retriever
 
-__all__ = ["evaluate_model", "run"]
+__all__ = ["evaluate_model", "run", "test_samples"]
 
 
 # ------------------------------------------------------------------------------ the run ---
@@ -94,11 +107,21 @@ def _record(ref, prompt, g, i: int, text: str, n: int, retriever) -> dict:
             "finished": bool(g.finished[i]), "history_turns_dropped": int(prompt.sample.dropped_turns), **extra}
 
 
+def test_samples(dialogues: Sequence, sample_cfg, test_filter: str = "reference") -> tuple[list, list[SampleRef]]:
+    """The samples to run: the reference's test samples (``eval/protocol.py``: its test filter, turns
+    cut at ``max_turns``, prefixes of more than ``max_sample_turns`` dropped), and them as
+    ``SampleRef``s; with ``long_prefix="truncate"`` the long prefixes are kept (truncated when prompted)."""
+    keep = sample_cfg.max_sample_turns if sample_cfg.long_prefix == "drop" else None
+    samples = protocol.reference_samples(dialogues, test_filter=test_filter, max_turns=sample_cfg.max_turns,
+                                         max_sample_turns=keep)
+    return samples, [SampleRef(i, s.dialogue, s.turn_idx) for i, s in enumerate(samples)]
+
+
 def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str | Path, history: str = "teacher",
         max_samples: int | None = None, video_root: str | None = None, retriever=None, mesh=None,
-        log=print) -> dict:
-    """Generate an answer for every sample of ``dialogues`` (``exp.eval``: batch size, budget,
-    decoding, video slots); write ``predictions.jsonl``.
+        test_filter: str = "reference", name: str = "predictions.jsonl", log=print) -> dict:
+    """Generate an answer for every test sample of ``dialogues`` (:func:`test_samples`; ``exp.eval``:
+    batch size, budget, decoding, video slots); write ``name`` under ``out_dir``.
 
     Returns ``{"predictions": path, "records": [...], "skipped": [...], "generation": {...}}``.
     """
@@ -106,20 +129,24 @@ def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str 
     batch_size, max_new_tokens = int(ec.batch_size), int(ec.max_new_tokens)
     temperature, top_p, seed = float(ec.temperature), float(ec.top_p), exp.seed
     pcfg = exp.pipeline(batch_size, video_root=video_root)
-    refs = enumerate_samples(dialogues, pcfg.sample)
+    _, refs = test_samples(dialogues, pcfg.sample, test_filter)
     if max_samples:  # None or 0: every sample
         refs = refs[: int(max_samples)]
     loader = PromptLoader(pcfg, tokenizer, video_slots=ec.video_slots)
     gen = Generator(model, max_new_tokens=max_new_tokens, buckets=pcfg.buckets, mesh=mesh)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pred_path = out_dir / "predictions.jsonl"
+    writer = distributed.is_writer()   # several processes: every one generates the same answers, one writes
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        log = lambda *a, **k: None  # noqa: E731
+    pred_path = out_dir / name
 
     records, skipped = [], []
     compile_s, t_start = 0.0, time.perf_counter()
     items = answer_samples(refs, loader, gen, tokenizer, batch_size=batch_size, history=history,
                            temperature=temperature, top_p=top_p, key=jax.random.key(int(seed)))
-    with open(pred_path, "w", encoding="utf-8") as f:
+    with open(pred_path, "w", encoding="utf-8") if writer else io.StringIO() as f:
         for it in items:
             if isinstance(it, Skipped):
                 skipped.append({"text_id": it.turn.text_id, "error": it.error})
@@ -156,6 +183,7 @@ def evaluate_model(exp: Experiment, args, *, model=None, tokenizer=None) -> int:
     ``model`` / ``tokenizer`` may be passed in (notebooks, tests); otherwise the model is built from
     the experiment and ``--checkpoint`` loaded over it.
     """
+    distributed.initialize()   # a no-op in one process
     annotations = args.annotations or exp.data.annotations
     dialogues, load_report = exp.dialogues(args.split, annotations=annotations)
     if not dialogues:
@@ -170,16 +198,32 @@ def evaluate_model(exp: Experiment, args, *, model=None, tokenizer=None) -> int:
     tokenizer = tokenizer or exp.tokenizer
     root = exp.video_root(dialogues, annotations)
     retriever = Retriever.load(args.index, args.retriever_model) if args.index else None
-    result = run(exp, model, tokenizer, dialogues, out_dir=out, history=args.history, max_samples=args.max_samples,
-                 video_root=root, retriever=retriever, mesh=mesh)
-
-    preds, timings, _, fields = read_predictions(result["predictions"])
-    answered_dialogues = {r["dialogue_id"] for r in result["records"]}
-    subset = [d for d in dialogues if d.id in answered_dialogues]
+    pcfg = exp.pipeline(int(exp.eval.batch_size), video_root=root)
+    samples, _ = test_samples(dialogues, pcfg.sample, args.test_filter)
     train_dialogues, _ = exp.dialogues("train", annotations=annotations)
-    results = evaluate_predictions(subset or dialogues, preds, all_test_turns=dialogues, history=args.history,
-                                   match="text_id", lang=exp.data.lang, max_turn=args.max_turn,
-                                   turn_fields=fields, prior=prior_span(train_dialogues))
+    score = dict(all_test_turns=dialogues, match="text_id", lang=exp.data.lang, max_turn=args.max_turn,
+                 prior=prior_span(train_dialogues), scorer=args.scorer, reference_bugs=args.reference_bugs,
+                 test_filter=args.test_filter, skipped_turns=load_report.skipped_turns)
+    histories = ("teacher", "model") if args.history == "both" else (args.history,)
+    runs = {}
+    for h in histories:
+        name = "predictions.jsonl" if h == histories[0] else f"predictions_{h}.jsonl"
+        result = run(exp, model, tokenizer, dialogues, out_dir=out, history=h, max_samples=args.max_samples,
+                     video_root=root, retriever=retriever, mesh=mesh, test_filter=args.test_filter, name=name)
+        if not distributed.is_writer():   # process 0 scores and reports
+            continue
+        preds, timings_h, _, fields = read_predictions(result["predictions"])
+        run_samples = samples[: int(args.max_samples)] if args.max_samples else samples
+        try:
+            runs[h] = (result, timings_h, evaluate_predictions(dialogues, preds, history=h, turn_fields=fields,
+                                                               samples=run_samples, **score))
+        except OfficialScorerError as e:
+            raise UsageError(f"--reference-bugs: {e}") from None
+    if not distributed.is_writer():
+        return 0
+    result, timings, results = runs[histories[0]]
+    if len(histories) > 1:
+        results["closed_loop"] = closed_loop_summary(runs["model"][2], str(runs["model"][0]["predictions"]))
     gen = result["generation"]
     results["generation"] = gen
     results["input"] = {

@@ -25,6 +25,14 @@ whole loop runs on the device without returning to Python).
   optional nucleus (top-p) filtering, from an explicit ``key``; step ``i`` uses
   ``fold_in(key, i)``, so a fixed key reproduces the same tokens. Temperature and top-p are
   traced scalars: changing them does not recompile.
+* **Meshes and processes.** With ``mesh`` every input becomes a global array on it (the batch
+  axis over ``data`` × ``fsdp`` when divisible, else replicated) and the decoded tokens come back
+  replicated, as host numpy, on every process. When the mesh holds devices of several processes
+  (``jax.distributed``), every process runs the same calls with **the same full batch** (the
+  evaluator runs every sample on every process): one small all-gather per batch agrees the text
+  length (the longest, as the training input does) and checks that the batches are identical, so
+  every process compiles and runs the same shapes and returns the same :class:`Generation`.
+  Without a mesh each process generates alone.
 """
 from __future__ import annotations
 
@@ -33,14 +41,16 @@ import contextlib
 import dataclasses
 import functools
 import time
+import zlib
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ivcr_jax import sharding
+from ivcr_jax import distributed, sharding
 from ivcr_jax.tokenizer import EOS_ID, PAD_ID
 
 __all__ = ["Generation", "Generator", "select_token", "bucket_for"]
@@ -132,10 +142,15 @@ def _prefill(graphdef, cache_len: int, state, emb, mask):
     return out.cache, _lm_logits(llama, h)
 
 
-def _decode(graphdef, max_new: int, greedy: bool, eos_id: int, pad_id: int, state, cache, logits0, key,
-            temperature, top_p):
-    """The decode loop: token 0 from the prefill logits, then one cached LLaMA step per token."""
+def _decode(graphdef, max_new: int, greedy: bool, eos_id: int, pad_id: int, key_impl: str, state, cache, logits0,
+            key_data, temperature, top_p):
+    """The decode loop: token 0 from the prefill logits, then one cached LLaMA step per token.
+
+    The PRNG key comes in as its raw data (``jax.random.key_data``), so that it can be an ordinary
+    global array on a mesh; it is wrapped back into a ``key_impl`` key here.
+    """
     model = nnx.merge(graphdef, state)
+    key = jax.random.wrap_key_data(key_data, impl=key_impl)
     B = logits0.shape[0]
     pick = functools.partial(select_token, temperature=temperature, top_p=top_p, greedy=greedy)
     tok0 = pick(logits0, None if greedy else jax.random.fold_in(key, 0))
@@ -172,6 +187,51 @@ def _signature(tree) -> tuple:
     return treedef, tuple(_leaf_signature(x) for x in leaves)
 
 
+def _host(x) -> np.ndarray:
+    """A (replicated or local) array as host numpy on this process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            raise ValueError(f"cannot bring a non-replicated global array of sharding {x.sharding} to the host")
+        x = x.addressable_data(0)
+    return np.asarray(jax.device_get(x))
+
+
+def _put_global(x, sh: NamedSharding) -> jax.Array:
+    """A global array of ``sh`` from a host array that every process holds in full."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+
+def _global_batch(tree, mesh) -> Any:
+    """Host arrays (the same full batch on every process) as global arrays on ``mesh``: the leading
+    (batch) axis over ``data`` × ``fsdp`` where it divides, replicated otherwise."""
+    batch_sh = sharding.batch_sharding(mesh)
+    rows = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    replicated = NamedSharding(mesh, P())
+
+    def put(x):
+        x = np.asarray(x)
+        return _put_global(x, batch_sh if x.ndim and x.shape[0] % rows == 0 else replicated)
+    return jax.tree.map(put, tree)
+
+
+_DIGEST_SAMPLE = 1 << 16   # elements of a large (video) array that the batch digest reads
+
+
+def _batch_digest(arrays: Mapping[str, Any]) -> tuple[int, int]:
+    """``(shapes, content)`` CRC32s of a batch: every leaf's path, shape and dtype; every leaf's
+    values (a strided sample of large ones, so video frames cost little)."""
+    flat = sorted((jax.tree_util.keystr(p), np.asarray(x)) for p, x in jax.tree_util.tree_leaves_with_path(arrays))
+    shapes = zlib.crc32(repr([(k, x.shape, str(x.dtype)) for k, x in flat]).encode())
+    content = 0
+    for _, x in flat:
+        v = x.reshape(-1)
+        if v.size > _DIGEST_SAMPLE:
+            v = v[:: v.size // _DIGEST_SAMPLE + 1]
+        content = zlib.crc32(np.ascontiguousarray(v).tobytes(), content)
+    return shapes, content
+
+
 # Compiled executables, shared by every Generator of the same model structure (graphdef) and
 # argument shapes: a second Generator over an equally shaped model compiles nothing.
 _COMPILED: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
@@ -191,7 +251,9 @@ class Generator:
         every call, so weights loaded after construction are used).
       max_new_tokens: generation budget per answer (the reference: 512).
       buckets: prompt lengths are padded to the smallest bucket that holds the batch.
-      mesh: run under this mesh (``ivcr_jax.sharding``) when the model is sharded over one.
+      mesh: run under this mesh (``ivcr_jax.sharding``) when the model is sharded over one;
+        inputs become global arrays on it and the tokens come back replicated (see the module
+        docstring for a mesh over several processes: every process passes the same full batch).
     """
 
     def __init__(self, model, *, max_new_tokens: int = 512, buckets: Sequence[int] = (512, 1024, 2048, 4096),
@@ -203,6 +265,8 @@ class Generator:
         self.max_new_tokens = int(max_new_tokens)
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.eos_id, self.pad_id, self.mesh = int(eos_id), int(pad_id), mesh
+        # A mesh over several processes: every call is collective, its shapes agreed across processes.
+        self.multiprocess = distributed.spans_processes(mesh)
         # The decode loop consumes the prefill's cache: donate it where the backend can reuse it.
         self._donate = jax.default_backend() != "cpu"
         self.used: set[tuple] = set()
@@ -210,12 +274,17 @@ class Generator:
     # ------------------------------------------------------------------ inputs
     def prepare(self, batch: Mapping[str, Any]) -> dict:
         """The model inputs of ``batch`` with the text axis cut to its last real token and padded
-        (on the right, with ``pad_id``) to a bucket. Other keys (labels, ...) are dropped."""
+        (on the right, with ``pad_id``) to a bucket. Other keys (labels, ...) are dropped.
+
+        With a mesh over several processes the text length is agreed across them (one all-gather;
+        each process must call this with the same batch, which is checked)."""
         mask = np.asarray(batch["attention_mask"])
         if mask.ndim != 2:
             raise ValueError(f"attention_mask must be [B, S], got shape {mask.shape}")
         cols = np.nonzero(mask.any(axis=0))[0]
         n = int(cols[-1]) + 1 if cols.size else 1
+        if self.multiprocess:
+            n = self._agree_length(batch, n)
         S = bucket_for(n, self.buckets)
         B = mask.shape[0]
 
@@ -233,17 +302,33 @@ class Generator:
             out["videos"] = {g: {k: np.asarray(v) for k, v in grp.items()} for g, grp in videos.items()}
         return out
 
+    def _agree_length(self, batch: Mapping[str, Any], n: int) -> int:
+        """The text length of this step on every process: the longest (as the training input agrees
+        it). The batches must be the same on every process — their digests are gathered with it."""
+        text = {k: np.asarray(batch[k])[:, :n] for k in ("input_ids", "attention_mask", "video_token_index")
+                if k in batch}
+        shapes, content = _batch_digest({"text": text, "videos": batch.get("videos") or {}})
+        rows = distributed.allgather(np.array([n, shapes, content], np.uint32))
+        differ = [i for i in range(len(rows)) if tuple(rows[i, 1:]) != tuple(rows[0, 1:])]
+        if differ:
+            raise ValueError(
+                f"the Generator's mesh spans {len(rows)} processes, so every process must pass it the same "
+                f"full batch, but process(es) {differ} hold a different batch from process 0 (text lengths "
+                f"{[int(r) for r in rows[:, 0]]}; {'shapes' if len(set(rows[:, 1])) > 1 else 'values'} differ)")
+        return int(rows[:, 0].max())
+
     # ------------------------------------------------------------------ compilation
-    def _compiled(self, stage: str, fn, args, static: tuple, donate=()):
+    def _compiled(self, stage: str, fn, args, static: tuple, donate=(), out_shardings=None):
         rest = _signature(args[1:])
-        key = (self.graphdef, stage, static, tuple(donate), _signature(args[0]), rest)
+        key = (self.graphdef, stage, static, tuple(donate), out_shardings, _signature(args[0]), rest)
         self.used.add((stage, static, rest))
         exe = _COMPILED.get(key)
         if exe is not None:
             _COMPILED.move_to_end(key)
             return exe, 0.0
         t0 = time.perf_counter()
-        exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+        jit_kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+        exe = jax.jit(fn, donate_argnums=donate, **jit_kw).lower(*args).compile()
         _COMPILED[key] = exe
         while len(_COMPILED) > _MAX_COMPILED:
             _COMPILED.popitem(last=False)
@@ -274,6 +359,13 @@ class Generator:
         prompt_lengths = inputs["attention_mask"].sum(axis=1)
         state = nnx.state(self.model)
         key = jax.random.key(0) if key is None else key
+        key_impl, key_data = str(jax.random.key_impl(key)), _host(jax.random.key_data(key))
+        temperature, top_p = np.float32(temperature), np.float32(top_p)
+        out_sh = None
+        if self.mesh is not None:
+            inputs = _global_batch(inputs, self.mesh)
+            out_sh = NamedSharding(self.mesh, P())   # the tokens come back whole to every process
+            key_data, temperature, top_p = (_put_global(x, out_sh) for x in (key_data, temperature, top_p))
         ctx = sharding.use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
         with ctx:
             emb, t_encode, c0 = self._run("encode", functools.partial(_encode, self.graphdef), (state, inputs), ())
@@ -282,12 +374,13 @@ class Generator:
                 "prefill", functools.partial(_prefill, self.graphdef, cache_len),
                 (state, emb, inputs["attention_mask"]), (cache_len,))
             del emb
-            dec_fn = functools.partial(_decode, self.graphdef, self.max_new_tokens, greedy, self.eos_id, self.pad_id)
-            dargs = (state, cache, logits0, key, np.float32(temperature), np.float32(top_p))
-            decode, c2 = self._compiled("decode", dec_fn, dargs, (self.max_new_tokens, greedy),
-                                        donate=(1,) if self._donate else ())
+            dec_fn = functools.partial(_decode, self.graphdef, self.max_new_tokens, greedy, self.eos_id, self.pad_id,
+                                       key_impl)
+            dargs = (state, cache, logits0, key_data, temperature, top_p)
+            decode, c2 = self._compiled("decode", dec_fn, dargs, (self.max_new_tokens, greedy, key_impl),
+                                        donate=(1,) if self._donate else (), out_shardings=out_sh)
             t0 = time.perf_counter()
-            tokens, lengths, done, steps = jax.device_get(decode(*dargs))
+            tokens, lengths, done, steps = (_host(x) for x in decode(*dargs))
             t_decode = time.perf_counter() - t0
         return Generation(tokens=np.asarray(tokens), lengths=np.asarray(lengths), finished=np.asarray(done),
                           steps=int(steps), prompt_lengths=np.asarray(prompt_lengths), bucket=S,
@@ -307,6 +400,8 @@ class Generator:
     def encode(self, batch: Mapping[str, Any]) -> jax.Array:
         """The prompt embeddings ``[B, bucket, D]`` of ``batch`` (the compiled encode stage)."""
         inputs = self.prepare(batch)
+        if self.mesh is not None:
+            inputs = _global_batch(inputs, self.mesh)
         state = nnx.state(self.model)
         ctx = sharding.use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
         with ctx:
