@@ -60,7 +60,7 @@ def make_corpus(seed: int, n: int) -> list[dict]:
             tid += 1
             q = rng.choice(QUESTIONS) + (" " if rng.random() < 0.1 else "")   # the odd trailing space
             convs.append({"from": "human", "value": q, "text_id": f"t{tid:05d}"})
-            retrieval = video is None or rng.random() < 0.35
+            retrieval = rng.random() < 0.75 if t == 0 else rng.random() < 0.35
             cands = _cands(rng, rng.choice(["ActivityNet", "TVQA", "DiDeMo"]))
             if retrieval:
                 k = rng.randrange(10) + 1
@@ -136,7 +136,7 @@ def notebook_samples(ref: Path, corpus: Path, work: Path) -> list:
         os.chdir(cwd)
 
 
-def reference_scores(ref: Path, pre, gt, all_data, patched: bool) -> dict:
+def _eval_module(ref: Path, patched: bool = False) -> dict:
     code = (ref / "metrics" / "eval.py").read_text()
     code = code.split('if __name__ == "__main__":')[0]
     if patched:   # the dict-initialisation branch scores its sample too
@@ -144,10 +144,35 @@ def reference_scores(ref: Path, pre, gt, all_data, patched: bool) -> dict:
         assert n == 2, "could not patch cal_reslut's first-sample skip"
     ns: dict = {}
     exec(compile(code, "metrics/eval.py", "exec"), ns)
+    return ns
+
+
+def reference_scores(ref: Path, pre, gt, all_data, patched: bool) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
-        r = ns["cal_reslut"](pre, gt, all_data)
+        r = _eval_module(ref, patched)["cal_reslut"](pre, gt, all_data)
     return {"R@1": 100 * r["vr"]["right"], "R@1 IoU=0.3": 100 * r["vmr"]["r3"],
             "R@1 IoU=0.5": 100 * r["vmr"]["r5"], "R@1 IoU=0.7": 100 * r["vmr"]["r7"]}
+
+
+def reference_per_turn(ref: Path, pre, all_data) -> dict:
+    """``cal_multi_reslut`` per turn 1..7, None where a turn has no turn of that kind."""
+    r = _eval_module(ref)["cal_multi_reslut"](pre, all_data)
+    pct = lambda a, b: None if b == 0 else 100 * a / b
+    return {str(k): {"R@1": pct(v["vr_right"], v["vr_all"]), "R@1 IoU=0.3": pct(v["vmr_r3"], v["vmr_all"]),
+                     "R@1 IoU=0.5": pct(v["vmr_r5"], v["vmr_all"]), "R@1 IoU=0.7": pct(v["vmr_r7"], v["vmr_all"])}
+            for k, v in r.items() if k <= 7}
+
+
+def our_per_turn(out: Path) -> dict:
+    rows = json.loads((out / "metrics.json").read_text())["per_turn"]["end_to_end"]
+    return {r["turn"]: {k: r.get(k) if r.get(f"n_{'retrieval' if k == 'R@1' else 'moment'}") else None for k in KEYS}
+            for r in rows if r["turn"].isdigit()}
+
+
+def same_tables(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        (a[t][k] is None) == (b[t][k] is None) and (a[t][k] is None or abs(a[t][k] - b[t][k]) <= 0.01)
+        for t in a for k in KEYS)
 
 
 # ------------------------------------------------------------------------------------- ours ---
@@ -161,6 +186,17 @@ def ours(corpus: Path, predictions: Path, out: Path, *flags: str) -> dict:
     m = json.loads((out / "metrics.json").read_text())
     return {"end_to_end": {k: m["end_to_end"][k] for k in KEYS},
             "lenient": {k: m["scorers"]["lenient"]["end_to_end"][k] for k in KEYS}}
+
+
+def _raw_questions(work: Path, gt) -> list[str]:
+    """Each notebook sample's last question as written in the corpus (cell 2 keeps ``text_id``)."""
+    subs = json.loads((work / "IVCR_no_type0_no_zero_test.json").read_text())
+    msgs = json.loads((work / "IVCR_no_type0_no_zero_dialogues_test.json").read_text())
+    raw = {c["text_id"]: c["value"] for r in json.loads((work / "ivcr.json").read_text())
+           for c in r["conversations"] if c["from"] == "human"}
+    out = [raw[sub[-1]["text_id"]] for sub, m in zip(subs, msgs) if len(m) <= 15]
+    assert len(out) == len(gt)
+    return out
 
 
 def main(argv=None) -> int:
@@ -202,6 +238,17 @@ def main(argv=None) -> int:
                                                 "--reference-bugs")["end_to_end"]
     rows["ours official, JSONL"] = ours(corpus, work / "predictions.jsonl", work / "ours_jsonl")["end_to_end"]
     rows["ours lenient (not compared)"] = off["lenient"]
+    # Per-turn tables (cal_multi_reslut): on evaluate.py's result.json, whose user_q is the rendered
+    # user message, and on predictions keyed by the raw question (first match wins).
+    tables = {"per turn, result.json": (reference_per_turn(args.reference, pre, all_data),
+                                        our_per_turn(work / "ours_reference_bugs"))}
+    raw = [{"user_q": q, "output": o} for q, o in zip(_raw_questions(work, gt), outputs)]
+    (work / "predictions_by_question.jsonl").write_text("".join(
+        json.dumps({"question": x["user_q"], "answer": x["output"]}) + "\n" for x in raw))
+    ours(corpus, work / "predictions_by_question.jsonl", work / "ours_question_bugs", "--reference-bugs",
+         "--match", "question")
+    tables["per turn, raw questions"] = (reference_per_turn(args.reference, raw, all_data),
+                                         our_per_turn(work / "ours_question_bugs"))
     width = max(map(len, rows))
     print(f"{'':{width}}  " + "  ".join(f"{k:>12}" for k in KEYS))
     for name, r in rows.items():
@@ -213,6 +260,13 @@ def main(argv=None) -> int:
            for k in KEYS if abs(rows[a][k] - rows[b][k]) > 0.01]
     for a, b, k in bad:
         print(f"MISMATCH {k}: {a} {rows[a][k]:.4f} vs {b} {rows[b][k]:.4f}")
+    for name, (theirs, mine) in tables.items():
+        ok = same_tables(theirs, mine)
+        cells = lambda t: " ".join(f"{t[r]['R@1'] if t[r]['R@1'] is None else round(t[r]['R@1'], 2)}" for r in sorted(t))
+        print(f"{name}: released vs ours --reference-bugs {'equal' if ok else 'DIFFERENT'}; R@1 by turn: "
+              f"released {cells(theirs)} | ours {cells(mine)}")
+        if not ok:
+            bad.append((name, "", ""))
     print("files:", work)
     return 1 if bad else 0
 

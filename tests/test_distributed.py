@@ -42,18 +42,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _two_processes(corpus, workdir, max_steps):
-    """Both processes of one run; their output goes to files (a full pipe would stall a process
-    inside a collective while the other waits for it)."""
+def run_processes(cmds, logs, **extra_env):
+    """Run one ``jax.distributed`` process per command (process i: ``cmds[i]``), its output to
+    ``logs[i]`` (a full pipe would stall a process inside a collective while the other waits for
+    it); assert that every one exits 0 and return their outputs."""
     addr = f"localhost:{_free_port()}"
-    logs = [workdir.parent / f"{workdir.name}_{max_steps}_p{i}.log" for i in range(2)]
     procs = []
-    for i, log in enumerate(logs):
+    for i, (cmd, log) in enumerate(zip(cmds, logs)):
         with open(log, "w") as f:
             procs.append(subprocess.Popen(
-                _cmd(corpus, workdir, max_steps), cwd=ROOT, text=True, stdout=f, stderr=subprocess.STDOUT,
-                env=_env(XLA_FLAGS="", JAX_COORDINATOR_ADDRESS=addr, JAX_NUM_PROCESSES="2",
-                         JAX_PROCESS_ID=str(i))))
+                cmd, cwd=ROOT, text=True, stdout=f, stderr=subprocess.STDOUT,
+                env=_env(XLA_FLAGS="", JAX_COORDINATOR_ADDRESS=addr, JAX_NUM_PROCESSES=str(len(cmds)),
+                         JAX_PROCESS_ID=str(i), **extra_env)))
     try:
         for p in procs:
             p.wait(timeout=900)
@@ -65,6 +65,12 @@ def _two_processes(corpus, workdir, max_steps):
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-4000:]}"
     return outs
+
+
+def _two_processes(corpus, workdir, max_steps):
+    """Both processes of one training run."""
+    logs = [workdir.parent / f"{workdir.name}_{max_steps}_p{i}.log" for i in range(2)]
+    return run_processes([_cmd(corpus, workdir, max_steps)] * 2, logs)
 
 
 def _losses(workdir):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from test_distributed import ROOT, _env, _free_port
+from test_distributed import ROOT, _env, run_processes
 from test_generate import random_model, tiny_experiment, tiny_flags
 
 # The tiny model with one LLM layer (a smaller graph: three processes compile it).
@@ -74,24 +74,9 @@ def test_two_processes_evaluate_like_one_process(setup, tmp_path):
 
     # Two processes; their logs go to files (a full pipe would stall a process inside a collective).
     # Both are given the same --out: process 0 writes it, process 1 writes nothing.
-    addr = f"localhost:{_free_port()}"
     outs = [tmp_path / "two", tmp_path / "two"]
     logs = [tmp_path / f"two_p{i}.log" for i in range(2)]
-    procs = []
-    for i, (out, log) in enumerate(zip(outs, logs)):
-        with open(log, "w") as f:
-            procs.append(subprocess.Popen(
-                _cmd(setup, out), cwd=ROOT, text=True, stdout=f, stderr=subprocess.STDOUT,
-                env=_env(XLA_FLAGS="", JAX_COORDINATOR_ADDRESS=addr, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))))
-    try:
-        for p in procs:
-            p.wait(timeout=600)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{log.read_text()[-4000:]}"
+    run_processes([_cmd(setup, out) for out in outs], logs)
 
     answers, metrics = _outputs(outs[0])
     assert answers == expected

@@ -168,6 +168,13 @@ def test_reference_result_json(tmp_path, corpus, capsys):
     assert main(["--annotations", str(corpus), "--predictions", str(rj), "--out", str(out), "--no-charts"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["end_to_end"]["R@1"] == pytest.approx(100 * 5 / 12)
+    # --reference-bugs: cal_multi_reslut matches user_q (the rendered message) with the raw
+    # questions, so the released per-turn table is 0 everywhere; the headline is not
+    assert main(["--annotations", str(corpus), "--predictions", str(rj), "--out", str(out), "--no-charts",
+                 "--reference-bugs"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["end_to_end"]["R@1"] == pytest.approx(100 * 4 / 12)
+    assert all(r["R@1"] == 0.0 for r in m["per_turn"]["end_to_end"] if r["n_retrieval"])
     rj.write_text(json.dumps(entries[1:] + entries[:1]))   # out of order
     assert main(["--annotations", str(corpus), "--predictions", str(rj), "--out", str(out)]) == 2
     err = capsys.readouterr().err

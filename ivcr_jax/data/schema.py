@@ -305,6 +305,18 @@ def parse_record(index: int, record: Any, *, lang: str = "en", num_candidates: i
     return Dialogue(index=index, id=rid, split=split, types=types, turns=p.turns(convs))
 
 
+def read_json_list(path: str | os.PathLike, what: str) -> list:
+    """The JSON list in ``path``; ``ValueError`` naming the file when it is not valid JSON or not a list."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of {what}, got {type(data).__name__}")
+    return data
+
+
 def load_dialogues(
     path: str | os.PathLike,
     *,
@@ -325,13 +337,7 @@ def load_dialogues(
       num_candidates: required length of ``candidate_videos`` on retrieval turns (None: any).
     """
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of dialogue records, got {type(records).__name__}")
+    records = read_json_list(path, "dialogue records")
     excluded = {tuple(t) for t in exclude_types}
     report = LoadReport(path=str(path), total=len(records))
     out = []

@@ -8,16 +8,24 @@ is accepted for ``"answer"``; an optional ``"timings": {"retrieval": s, "prefill
 feeds the latency table; an optional ``"duration"`` (seconds, moment turns) is the video length of
 the random baseline's span, and ``"gt_in_retrieved_top10"`` (retrieval turns) makes R@10 the
 retriever's own recall instead of the annotation candidates'). Any system's outputs can be scored
-this way, the PyTorch original's included. A malformed line stops the run with an error naming the line number; ``--skip-bad-lines``
-skips such lines and reports how many. Writes ``metrics.json``, ``turn_scores.jsonl``, ``report.md``
-and PNG charts under ``--out`` and prints the metrics table.
+this way; the PyTorch original's ``result.json`` (a JSON list of ``{"user_q", "output"}``) is read as
+it is, aligned by position with the reference's test samples. A malformed line stops the run with
+an error naming the line number; ``--skip-bad-lines`` skips such lines and reports how many.
+Writes ``metrics.json``, ``turn_scores.jsonl``, ``report.md`` and PNG charts under ``--out`` and
+prints the metrics table.
+
+The numbers are the paper's way (docs/evaluation.md): the headline uses the released scorer's
+parsers (``--scorer official``) with its first-sample skip fixed, the lenient parsers' row beside
+it; ``--reference-bugs`` reproduces the released scorer exactly. Only the reference's test samples
+count (``--test-filter reference``: its notebook's filter, turns 1–7), and every other test turn,
+the turns of malformed records included, is a failure end to end.
 
 Without ``--predictions`` a model is run first (``ivcr_jax.eval.run_model``): it generates the
 answers of every test turn, writes ``predictions.jsonl`` (with per-stage timings) under ``--out``
 and scores it the same way. Generation settings are config keys (``config.eval``)::
 
     python -m ivcr_jax.eval --config configs/paper.py:tiny --checkpoint WORKDIR_OR_CONVERTED_DIR \\
-        [--annotations corpus/ivcr.json] [--split test] [--history teacher|model] [--max-samples N] \\
+        [--annotations corpus/ivcr.json] [--split test] [--history teacher|model|both] [--max-samples N] \\
         [--config.eval.max_new_tokens=64] [--config.eval.batch_size=4] [--config.data.video_root=DIR]
 """
 from __future__ import annotations
@@ -99,13 +107,15 @@ def score_file(args) -> int:
         if protocol.is_reference_predictions(args.predictions):  # evaluate.py's result.json
             if args.match != "text_id":
                 raise UsageError("a reference result.json is aligned with the samples by position: drop --match")
-            preds = protocol.read_reference_predictions(args.predictions, samples)
+            preds, user_q = protocol.read_reference_predictions(args.predictions, samples)
             timings, fields = {}, {}
+            per_turn = (user_q, "question")   # cal_multi_reslut: user_q against the raw questions
             stats = {"lines": len(preds), "bad_lines": 0, "bad_line_examples": [], "duplicates": 0,
                      "format": "reference result.json (aligned by position with the reference's samples)"}
         else:
             preds, timings, stats, fields = read_predictions(args.predictions, match=args.match,
                                                              skip_bad_lines=args.skip_bad_lines)
+            per_turn = None
     except (PredictionsFormatError, protocol.ReferencePredictionsError) as e:
         raise UsageError(str(e)) from None
     train_dialogues, _ = load_dialogues(args.annotations, split="train", lang=lang)
@@ -114,7 +124,8 @@ def score_file(args) -> int:
                                        max_turn=args.max_turn, turn_fields=fields,
                                        prior=prior_span(train_dialogues), scorer=args.scorer,
                                        reference_bugs=args.reference_bugs, test_filter=args.test_filter,
-                                       skipped_turns=load_report.skipped_turns, samples=samples)
+                                       skipped_turns=load_report.skipped_turns, samples=samples,
+                                       per_turn_predictions=per_turn)
     except OfficialScorerError as e:
         raise UsageError(f"--reference-bugs: {e}") from None
     results["input"] = {

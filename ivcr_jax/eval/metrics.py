@@ -634,6 +634,7 @@ def evaluate_predictions(
     test_filter: str = "reference",
     skipped_turns: Sequence = (),
     samples: Sequence | None = None,
+    per_turn_predictions: tuple[Mapping[str, str], str] | None = None,
 ) -> dict:
     """Score ``predictions`` (``text_id`` → generated answer) against the annotation dialogues.
 
@@ -659,6 +660,9 @@ def evaluate_predictions(
         scored, every other turn of the split counting as a failure; ``"none"``: every turn.
       skipped_turns: the turns of malformed records (``LoadReport.skipped_turns``): failures.
       samples: the protocol's samples (``protocol.reference_samples``), when the caller has them.
+      per_turn_predictions: with ``reference_bugs``, the ``(predictions, match)`` the released
+        per-turn table matches (``cal_multi_reslut``): for a reference ``result.json``, its
+        ``user_q`` strings matched against the raw questions. Default: ``(predictions, match)``.
 
     Returns a JSON-serialisable dict with ``evaluated`` and ``end_to_end`` headline metrics, the
     ``baselines`` beside them (:func:`baselines`, the same scopes), ``scorers`` (the headline rows
@@ -686,7 +690,9 @@ def evaluate_predictions(
     if reference_bugs:
         headline = _skip_reference_bug(scores, protocol.first_samples(samples))
         # cal_multi_reslut (the per-turn table) scores every turn whose question has a prediction
-        scores = score("reference", None)
+        pt_preds, pt_match = per_turn_predictions or (predictions, match)
+        scores = score_turns(universe, pt_preds, match=pt_match, turn_fields=turn_fields, parsers="reference",
+                             scope=None, skipped_turns=skipped_turns)
     evaluated = [s for s in headline if s.answered]
     evaluated_pt = [s for s in scores if s.answered]
 

@@ -26,11 +26,10 @@ stage to miss), and chat turns are scored only by BLEU and intent.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Sequence
 
-from ivcr_jax.data.schema import MOMENT, RETRIEVAL, Dialogue
+from ivcr_jax.data.schema import MOMENT, RETRIEVAL, Dialogue, read_json_list
 
 __all__ = ["TEST_FILTERS", "passes_test_filter", "reference_samples", "RefSample", "read_reference_predictions",
            "ReferencePredictionsError", "is_reference_predictions", "first_samples"]
@@ -98,9 +97,11 @@ def is_reference_predictions(path: str | os.PathLike) -> bool:
     return head.startswith("[")
 
 
-def read_reference_predictions(path: str | os.PathLike, samples: Sequence[RefSample]) -> dict[str, str]:
-    """``result.json`` of the reference's ``evaluate.py`` → ``{text_id: output}``, aligned by position
-    with ``samples`` (:func:`reference_samples`), as ``metrics/eval.py`` aligns it.
+def read_reference_predictions(path: str | os.PathLike, samples: Sequence[RefSample]
+                               ) -> tuple[dict[str, str], dict[str, str]]:
+    """``result.json`` of the reference's ``evaluate.py`` → ``({text_id: output}, {user_q: output})``:
+    aligned by position with ``samples`` (:func:`reference_samples`), as ``cal_reslut`` aligns it,
+    and keyed by ``user_q`` (the first entry of each), as ``cal_multi_reslut`` matches it.
 
     Raises :class:`ReferencePredictionsError` naming the entry when the file is not a list of
     ``{"user_q": str, "output": str}``, has another length than the samples, or an entry's
@@ -108,17 +109,15 @@ def read_reference_predictions(path: str | os.PathLike, samples: Sequence[RefSam
     built from another annotation file or another filter).
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ReferencePredictionsError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, list):
-        raise ReferencePredictionsError(f"{path}: expected a JSON list of {{'user_q', 'output'}} objects")
+        data = read_json_list(path, "{'user_q', 'output'} objects")
+    except ValueError as e:
+        raise ReferencePredictionsError(str(e)) from None
     if len(data) != len(samples):
         raise ReferencePredictionsError(
             f"{path}: {len(data)} entries, but the reference's test filter gives {len(samples)} samples for "
             f"this annotation file (is it the same file, and the same --test-filter?)")
     out: dict[str, str] = {}
+    by_q: dict[str, str] = {}
     for i, (entry, s) in enumerate(zip(data, samples)):
         where = f"{path}: entry {i}"
         if not isinstance(entry, dict) or not isinstance(entry.get("output"), str):
@@ -129,7 +128,8 @@ def read_reference_predictions(path: str | os.PathLike, samples: Sequence[RefSam
                 f"{where}: user_q {str(q)[-60:]!r} does not end with the question of sample {i} "
                 f"(dialogue {s.dialogue.id!r} turn {s.turn_idx + 1}: {s.turn.question[-60:]!r})")
         out[s.turn.text_id] = entry["output"]
-    return out
+        by_q.setdefault(q, entry["output"])
+    return out, by_q
 
 
 def first_samples(samples: Sequence[RefSample]) -> tuple[str | None, str | None]:
