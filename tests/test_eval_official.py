@@ -140,6 +140,8 @@ def test_unreadable_ground_truth(tmp_path):
     pred.write_text("".join(json.dumps({"text_id": k, "answer": v}) + "\n" for k, v in preds.items()))
     assert main(["--annotations", str(p), "--predictions", str(pred), "--out", str(out), "--no-charts",
                  "--reference-bugs"]) == 2
+    assert main(["--annotations", str(p), "--predictions", str(pred), "--out", str(out), "--no-charts",
+                 "--reference-bugs", "--scorer", "lenient"]) == 2
     # the retrieval turn alone: None == None is a hit there
     res = evaluate_predictions(dialogues, {"g1": "no idea"}, reference_bugs=True, test_filter="none")
     assert res["per_turn"]["end_to_end"][0]["R@1"] == 100.0

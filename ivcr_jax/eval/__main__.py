@@ -151,6 +151,9 @@ def main(argv=None, *, model=None, tokenizer=None) -> int:
     """``python -m ivcr_jax.eval``; ``model`` / ``tokenizer`` may be passed in (notebooks, tests)."""
     def body() -> int:
         config, args = cli.parse(argv, build_parser(), config_required=False)
+        if args.reference_bugs and args.scorer != "official":
+            raise UsageError("--reference-bugs reproduces the released scorer, whose parsers are the official "
+                             "ones: drop --scorer lenient (the lenient row is shown beside it anyway)")
         if args.predictions is not None:
             return score_file(args)
         if config is None:
