@@ -18,13 +18,22 @@ from pathlib import Path
 
 from ivcr_jax import cli
 from ivcr_jax.data.demo import ensure_demo_corpus
+from ivcr_jax.experiment import USER_ERRORS, Experiment
+
+
+class StepFailed(Exception):
+    """A program of the demo exited non-zero (it has printed why)."""
+
+    def __init__(self, program: str, rc: int):
+        super().__init__(f"{program} exited with status {rc} (its message is above)")
+        self.rc = rc
 
 
 def _run(cmd: list[str], env: dict) -> None:
     print("      $ " + " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
     if rc:
-        raise cli.UsageError(f"{cmd[2]} exited with status {rc}")
+        raise StepFailed(cmd[2], rc)
 
 
 def main(argv=None) -> int:
@@ -35,8 +44,11 @@ def main(argv=None) -> int:
 
     def body() -> int:
         config, args = cli.parse(argv, parser, default_config="configs/demo.py")
+        if args.eval_samples < 0:
+            raise cli.UsageError(f"--eval-samples must be >= 0 (0 = all), got {args.eval_samples}")
+        Experiment.resolve(config)   # a bad key or value is reported now, not after building the corpus
         work = Path(args.workdir).absolute()
-        overrides = [a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--config.")]
+        overrides = [f"--config.{o}" for o in cli.config_overrides(argv if argv is not None else sys.argv[1:])]
         env = dict(os.environ)
         env.setdefault("HF_HUB_OFFLINE", "1")
         # One compilation cache for both programs, kept with the run.
@@ -46,7 +58,7 @@ def main(argv=None) -> int:
         corpus = work / "demo_corpus"
         ensure_demo_corpus(corpus, seed=0, log=lambda msg: print(f"[1/3] {msg}"))
         common = ["--config", args.config, f"--config.data.annotations={corpus / 'ivcr.json'}", *overrides,
-                  *(["--verbose"] if args.verbose else [])]
+                  *(["--verbose"] if args.verbose else []), *(["--debug"] if args.debug else [])]
         print(f"[2/3] training the tiny InterLLaVA for {config.train.steps} steps in {work / 'train'}")
         _run([sys.executable, "-m", "ivcr_jax.train", *common, "--workdir", str(work / "train")], env)
         logged = [json.loads(line) for line in (work / "train" / "metrics.jsonl").read_text().splitlines() if line]
@@ -62,7 +74,13 @@ def main(argv=None) -> int:
         _run(ev, env)
         print(f"done in {time.time() - t0:.0f} s; report: {work / 'eval' / 'report.md'}")
         return 0
-    return cli.run(body)
+    def guarded() -> int:
+        try:
+            return body()
+        except StepFailed as e:  # the program printed its error; exit with its status
+            print(f"error: {e}", file=sys.stderr)
+            return e.rc
+    return cli.run(guarded, known=USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ from ivcr_jax.data.answers import parse_intent, parse_moment, parse_video_index
 from ivcr_jax.data.frames import VIDEO_EXTS, VideoError, load_frames
 from ivcr_jax.data.prompts import PromptLoader, clean_answer
 from ivcr_jax.data.schema import Dialogue, Turn
-from ivcr_jax.experiment import Experiment
+from ivcr_jax.experiment import USER_ERRORS, Experiment
 from ivcr_jax.models.generate import Generator
 from ivcr_jax.retrieval.search import Retriever
 
@@ -92,6 +92,12 @@ def _norm_question(q: str) -> str:
 
 def _words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
+
+
+def _naming(path: Path, e: Exception) -> str:
+    """``e``'s message, prefixed with ``path`` unless it names it already."""
+    msg = str(e)
+    return msg if str(path) in msg else f"{path}: {msg}"
 
 
 # ------------------------------------------------------------------------------ the corpus ---
@@ -111,7 +117,10 @@ class Corpus:
         self.video_root = Path(schema.resolve_video_root(ann))
         self.annotated: dict[str, list[str]] = {}
         if ann.is_file():
-            dialogues, _ = schema.load_dialogues(ann, exclude_types=(), num_candidates=None)
+            try:
+                dialogues, _ = schema.load_dialogues(ann, exclude_types=(), num_candidates=None)
+            except (ValueError, OSError) as e:  # not UTF-8, not JSON, not a list: name the file
+                raise UsageError(_naming(ann, e)) from None
             for d in dialogues:
                 for t in d.turns:
                     if t.candidate_videos:
@@ -119,7 +128,11 @@ class Corpus:
         self.descriptions: dict[str, str] = {}
         listing = self.root / "videos.json"
         if listing.is_file():
-            for item in json.loads(listing.read_text(encoding="utf-8")):
+            try:
+                items = schema.read_json_list(listing, "videos (ids, or {video_id, description} objects)")
+            except (ValueError, OSError) as e:
+                raise UsageError(_naming(listing, e)) from None
+            for item in items:
                 if isinstance(item, dict) and item.get("video_id"):
                     self.descriptions[str(item["video_id"])] = str(item.get("description", ""))
                 elif isinstance(item, str):
@@ -334,6 +347,12 @@ def describe_current(cur: CurrentVideo | None) -> str:
 
 
 def format_turn(rec: dict) -> str:
+    """The turn as printed; control characters of the question, the answer and the corpus's ids
+    are escaped (``cli.printable``): a terminal escape code in the data is shown, not obeyed."""
+    return cli.printable(_format_turn(rec))
+
+
+def _format_turn(rec: dict) -> str:
     lines = [f"[turn {rec['turn']}] you: {rec['question']}"]
     if rec.get("error"):
         return "\n".join(lines + [f"  error: {rec['error']}"])
@@ -423,16 +442,31 @@ def _retriever(args):
     try:
         return Retriever.load(args.index, args.retriever_model)
     except Exception as e:  # noqa: BLE001 - a broken index must not end the chat before it starts
-        print(f"warning: cannot load the retriever index {args.index} ({e}); using the lexical fallback",
-              file=sys.stderr)
+        print(cli.printable(f"warning: cannot load the retriever index {args.index} ({e}); using the lexical "
+                            f"fallback"), file=sys.stderr)
         return None
 
 
-def _lines(args):
-    if args.script:
-        for line in Path(args.script).read_text(encoding="utf-8").splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                yield line.strip()
+def read_script(path: str | Path) -> list[str]:
+    """The user lines of a ``--script`` file (blank and ``#`` lines skipped); a missing file, a
+    directory or bytes that are not UTF-8 are a :class:`UsageError` naming the file and where."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"--script {path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UsageError(f"--script {path}: not valid UTF-8 at byte offset {e.start} (line {line}: "
+                         f"0x{raw[e.start]:02x}); save the file as UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _lines(args, script: list[str] | None):
+    if script is not None:
+        yield from script
         return
     while True:
         try:
@@ -445,7 +479,7 @@ def _lines(args):
 
 def main(argv: Sequence[str] | None = None, *, model=None, tokenizer=None) -> int:
     """Command line entry point. ``model`` / ``tokenizer`` may be passed in (notebooks, tests)."""
-    return cli.run(lambda: _main(argv, model, tokenizer))
+    return cli.run(lambda: _main(argv, model, tokenizer), known=USER_ERRORS + (ChatError,))
 
 
 def _main(argv, model, tokenizer) -> int:
@@ -457,6 +491,9 @@ def _main(argv, model, tokenizer) -> int:
         raise UsageError(str(e)) from None
     if args.script and not Path(args.script).is_file():
         raise UsageError(f"--script {args.script}: no such file")
+    script = read_script(args.script) if args.script else None  # before the model: a bad file costs nothing
+    if args.json_out and Path(args.json_out).is_dir():
+        raise UsageError(f"--json-out {args.json_out}: is a directory; give a file name")
     if args.video:
         try:
             video_file(args.video)  # before the model is loaded: a typo should not cost minutes
@@ -476,18 +513,18 @@ def _main(argv, model, tokenizer) -> int:
             raise UsageError(f"--video: {e}") from None
         commands.append({"command": f"--video {args.video}", "before_turn": 1,
                          "current_video": session.current.record()})
-    print(f"corpus {corpus.root}: {len(corpus.video_ids)} videos, {len(corpus.annotated)} annotated questions"
-          + ("" if args.script else "; /help lists the commands"))
+    print(cli.printable(f"corpus {corpus.root}: {len(corpus.video_ids)} videos, {len(corpus.annotated)} "
+                        f"annotated questions" + ("" if args.script else "; /help lists the commands")))
     if session.current is not None:
-        print(f"(current video: {describe_current(session.current)})")
+        print(cli.printable(f"(current video: {describe_current(session.current)})"))
     records = []
-    for line in _lines(args):
+    for line in _lines(args, script):
         if line.split(" ", 1)[0] in ("/quit", "/exit"):
             break
         if line.startswith("/"):
             cmd = run_command(session, line)
             commands.append({k: v for k, v in cmd.items() if k != "message"})
-            print(cmd["message"], flush=True)
+            print(cli.printable(cmd["message"]), flush=True)
             continue
         try:
             rec = session.ask(line)

@@ -11,13 +11,24 @@ program's own flags (``--workdir``, ``--checkpoint`` ...) are ordinary ``argpars
 
 A relative config path that does not exist from the working directory is looked up in the
 repository's ``configs/`` parent (so ``configs/demo.py`` works from anywhere in a source checkout).
+A key given twice takes its last value (a tuple too: ``--config.data.text_buckets`` twice is not
+concatenated), as argparse options do.
+
+Errors (:func:`run`): a :class:`UsageError` or another known error of the program (a bad file,
+record, checkpoint) prints one line ``error: ...`` on stderr and exits 2; ``--debug`` (or
+``IVCR_DEBUG=1``) prints its traceback too. Any other exception is a bug and keeps its traceback.
+Control characters in a message (from a data file, say) are printed escaped (:func:`printable`).
 """
 from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import importlib.util
+import os
+import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,6 +41,21 @@ _REPO = Path(__file__).resolve().parent.parent
 
 class UsageError(ValueError):
     """A bad command line or config value: printed as one line, exit status 2."""
+
+
+# C0 and C1 control characters (newline and tab kept) and the bidirectional overrides: text from a
+# data file or a model printed to a terminal must not move the cursor, recolour it or reorder a line.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object, *, newlines: bool = True) -> str:
+    """``str(text)`` with control characters escaped as ``\\xNN`` / ``\\uNNNN`` (``newlines=False``:
+    ``\\n`` and ``\\t`` too, for text that must stay on one line)."""
+    def esc(m: re.Match) -> str:
+        c = ord(m.group())
+        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    s = _CONTROL.sub(esc, str(text))
+    return s if newlines else s.replace("\n", "\\n").replace("\t", "\\t")
 
 
 def config_path(spec: str) -> tuple[Path, str]:
@@ -114,6 +140,12 @@ def _split_argv(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
     return own, spec, overrides
 
 
+def config_overrides(argv: Sequence[str]) -> list[str]:
+    """The ``key=value`` overrides of a command line (``--config.k=v`` and ``--config.k v``), each key
+    once at its last value: what a program passes on to the programs it runs."""
+    return last_wins(_split_argv(argv)[2])
+
+
 def describe_config(cfg: ConfigDict) -> str:
     return "\n".join(f"  --config.{k}={v!r}" for k, v in leaf_paths(cfg).items())
 
@@ -127,6 +159,7 @@ def parse(argv: Sequence[str] | None, parser: argparse.ArgumentParser, *, defaul
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     own, spec, overrides = _split_argv(argv)
+    _STATE["debug"] = _STATE["debug"] or "--debug" in own
     spec = spec or default_config
     parser.add_argument("--config", metavar="FILE.py[:ARG]", default=default_config,
                         help="experiment config (ml_collections get_config(arg) file)"
@@ -134,6 +167,9 @@ def parse(argv: Sequence[str] | None, parser: argparse.ArgumentParser, *, defaul
                              + ". Override any field with --config.KEY=VALUE")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--verbose", action="store_true", help="show the libraries' INFO logs (Orbax, absl)")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print its traceback as well as the one-line message")
+    _one_line_errors(parser)
     if any(a in ("-h", "--help") for a in own):
         if spec:
             try:
@@ -172,6 +208,7 @@ def resolve(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     (values parsed by the type of the field they replace); the result is locked."""
     path, arg = config_path(spec)
     known = leaf_paths(load_config(spec))
+    overrides = last_wins(overrides)
     for item in overrides:
         key = item.split("=", 1)[0]
         if key not in known and not any(k.startswith(key + ".") for k in known):
@@ -190,10 +227,60 @@ def resolve(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
         raise UsageError(f"{what}: {str(e).splitlines()[0]}") from None
 
 
-def run(main: Callable[[], int]) -> int:
-    """Run a program's body; a :class:`UsageError` becomes one line on stderr and exit 2."""
+def last_wins(overrides: Sequence[str]) -> list[str]:
+    """``key=value`` overrides with each key once, at its last value (in the order of those last
+    values). config_flags would concatenate a tuple given twice: ``(1024,)`` then ``(512, 1024)``
+    became ``(1024, 512, 1024)``."""
+    last: dict[str, str] = {}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        last.pop(key, None)
+        last[key] = item
+    return list(last.values())
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """argparse's own errors (a missing or unknown option, a bad value) as :class:`UsageError`:
+    one line, not the usage block, and the same exit status 2."""
+    def error(message: str):
+        raise UsageError(f"{message} (see {parser.prog} --help)")
+    for p in [parser, *(a for act in parser._actions if isinstance(act, argparse._SubParsersAction)
+                        for a in act.choices.values())]:
+        p.error = error  # type: ignore[method-assign]
+
+
+_STATE = {"debug": False}
+# OSErrors that are the user's to fix (a path, a permission, a full disk); others are bugs.
+_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EEXIST, errno.EISDIR, errno.ENOTDIR,
+                errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG}
+
+
+def is_user_error(e: BaseException, known: Sequence[type] = ()) -> bool:
+    """Whether ``e`` is one :func:`run` prints as one line: a :class:`UsageError`, one of ``known``,
+    or an ``OSError`` about a path, a permission or a full disk."""
+    if isinstance(e, (UsageError, *known)):
+        return True
+    return isinstance(e, OSError) and e.errno in _USER_ERRNOS
+
+
+def run(main: Callable[[], int], *, known: Sequence[type] = ()) -> int:
+    """Run a program's body. A :class:`UsageError`, an error of ``known`` (the program's errors
+    that name what is wrong: a checkpoint, a record, a file) or an OSError about a path or a full
+    disk becomes one line ``error: ...`` on stderr and exit status 2 (with ``--debug`` or
+    ``IVCR_DEBUG=1`` its traceback is printed first); Ctrl-C exits 130 with one line. Any other
+    exception propagates with its traceback: it is a bug to report."""
+    _STATE["debug"] = os.environ.get("IVCR_DEBUG", "") not in ("", "0")
     try:
         return int(main() or 0)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if _STATE["debug"]:
+            traceback.print_exc()
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        if not is_user_error(e, known):
+            raise
+        if _STATE["debug"]:
+            traceback.print_exc()
+        print(f"error: {printable(e)}", file=sys.stderr, flush=True)
         return 2

@@ -17,13 +17,20 @@ from another program::
 
 Every key of a config file is a field of one of the typed sections below (or of the model's
 dataclasses), so a key that nothing reads cannot sit in ``configs/`` unnoticed: resolution fails
-naming it.
+naming it. Every value is checked there too, before anything is built or compiled: a bad one is a
+one-line :class:`~ivcr_jax.cli.UsageError` naming the key and what is allowed (cross-key rules
+included: ``data.max_len`` within ``data.text_buckets``, ``data.frame_size`` in whole ViT patches);
+the mesh against the devices, and ``train.batch_size`` against the data-parallel size, when the
+devices are known (:meth:`Experiment.mesh_sizes`).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
+import math
+import numbers
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,14 +40,66 @@ from ml_collections import ConfigDict
 from ivcr_jax import checkpoints, sharding
 from ivcr_jax.cli import UsageError, leaf_paths, unknown_key_message
 from ivcr_jax.data import schema
+from ivcr_jax.data.frames import VideoError
 from ivcr_jax.data.pipeline import PipelineConfig
+from ivcr_jax.data.samples import SampleTooLong
 from ivcr_jax.models import build
 from ivcr_jax.models.interllava import InterLLaVAConfig
+from ivcr_jax.models.params import CheckpointError
 from ivcr_jax.tokenizer import bundled_test_tokenizer, load_tokenizer
 
 AUX_LOSS_MODES = ("faithful", "differentiable", "off")
 FAITHFUL_SELECTS = ("videotokens", "kind")            # train/losses.py faithful_aux
 LM_LOSS_REDUCTIONS = ("token_mean", "sample_mean")    # train/losses.py lm_loss
+LONG_PREFIXES = ("drop", "truncate")                  # data/samples.py SampleConfig.long_prefix
+
+# The errors a program reports as one line (``cli.run(body, known=USER_ERRORS)``): each names its
+# file, record, key or checkpoint. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (UsageError, CheckpointError, VideoError, schema.RecordError, SampleTooLong)
+
+
+def _int(section: str, name: str, value: Any, *, minimum: int | None = None, allow_none: bool = False,
+         allowed: str = "") -> int | None:
+    """``value`` as an int of at least ``minimum`` (else one line naming ``config.section.name``)."""
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if ok and (minimum is None or value >= minimum):
+        return int(value)
+    if not allowed:
+        allowed = {None: "an integer", 0: "an integer >= 0", 1: "positive (an integer >= 1)"}.get(
+            minimum, f"an integer >= {minimum}")
+        allowed += " or None" if allow_none else ""
+    raise UsageError(f"config.{section}.{name} must be {allowed}, got {value!r}")
+
+
+def _float(section: str, name: str, value: Any, lo: float, hi: float = math.inf, *, lo_open: bool = False,
+           hi_open: bool = False) -> float:
+    """``value`` as a finite float in the interval (else one line naming the key and the interval)."""
+    try:
+        ok = not isinstance(value, (bool, str)) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        ok = False
+    if ok:
+        v = float(value)
+        if (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi):
+            return v
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+    raise UsageError(f"config.{section}.{name} must be a number in {interval}, got {value!r}")
+
+
+def _choice(section: str, name: str, value: Any, choices: tuple) -> Any:
+    if value not in choices:
+        raise UsageError(f"config.{section}.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _regexes(key: str, patterns) -> None:
+    for p in patterns:
+        try:
+            re.compile(p)
+        except (re.error, TypeError) as e:
+            raise UsageError(f"config.{key}: {p!r} is not a regular expression ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,30 +149,34 @@ class TrainConfig:
     aux_start_step: int = 0
 
     def __post_init__(self):
-        positive = ("batch_size", "grad_accum", "steps", "ckpt_every", "keep_checkpoints", "log_every",
-                    "eval_samples")
-        for name in positive:
-            if int(getattr(self, name)) <= 0:
-                raise UsageError(f"config.train.{name} must be positive, got {getattr(self, name)}")
-        if self.lm_head not in ("supervised", "all"):
-            raise UsageError(f"config.train.lm_head must be 'supervised' or 'all', got {self.lm_head!r}")
-        if int(self.eval_every) < 0:
-            raise UsageError(f"config.train.eval_every must be >= 0 (0 = no held-out evaluation), got {self.eval_every}")
-        if self.aux_loss_mode not in AUX_LOSS_MODES:
-            raise UsageError(f"config.train.aux_loss_mode must be one of {', '.join(AUX_LOSS_MODES)}, "
-                             f"got {self.aux_loss_mode!r}")
-        if self.lm_loss_reduction not in LM_LOSS_REDUCTIONS:
-            raise UsageError(f"config.train.lm_loss_reduction must be one of {', '.join(LM_LOSS_REDUCTIONS)}, "
-                             f"got {self.lm_loss_reduction!r}")
-        if self.faithful_select not in FAITHFUL_SELECTS:
-            raise UsageError(f"config.train.faithful_select must be one of {', '.join(FAITHFUL_SELECTS)}, "
-                             f"got {self.faithful_select!r}")
-        if int(self.aux_start_step) < 0:
-            raise UsageError(f"config.train.aux_start_step must be >= 0 (0 = from the start), got {self.aux_start_step}")
-        if not 0 <= int(self.warmup_steps) <= int(self.steps):
-            raise UsageError(f"config.train.warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
-        if not self.lr > 0:
-            raise UsageError(f"config.train.lr must be positive, got {self.lr}")
+        for name in ("batch_size", "grad_accum", "steps", "ckpt_every", "keep_checkpoints", "log_every",
+                     "eval_samples"):
+            _int("train", name, getattr(self, name), minimum=1)
+        for name, allowed in (("eval_every", "an integer >= 0 (0 = no held-out evaluation)"),
+                              ("aux_start_step", "an integer >= 0 (0 = from the start)")):
+            _int("train", name, getattr(self, name), minimum=0, allowed=allowed)
+        _int("train", "warmup_steps", self.warmup_steps, minimum=0)
+        if self.warmup_steps > self.steps:
+            raise UsageError(f"config.train.warmup_steps must be in [0, train.steps={self.steps}], "
+                             f"got {self.warmup_steps}")
+        _choice("train", "lm_head", self.lm_head, ("supervised", "all"))
+        _choice("train", "aux_loss_mode", self.aux_loss_mode, AUX_LOSS_MODES)
+        _choice("train", "lm_loss_reduction", self.lm_loss_reduction, LM_LOSS_REDUCTIONS)
+        _choice("train", "faithful_select", self.faithful_select, FAITHFUL_SELECTS)
+        _float("train", "lr", self.lr, 0, lo_open=True)
+        for name in ("min_lr", "warmup_init_lr", "weight_decay", "alpha", "beta"):
+            _float("train", name, getattr(self, name), 0)
+        _float("train", "clip_norm", self.clip_norm, 0)   # 0 = no clipping (train/optim.py)
+        for name in ("b1", "b2"):
+            _float("train", name, getattr(self, name), 0, 1, hi_open=True)
+        mults = tuple(self.lr_mults or ())
+        if not all(isinstance(m, (tuple, list)) and len(m) == 2 for m in mults):
+            raise UsageError(f"config.train.lr_mults must be ((regex, multiplier), ...), got {self.lr_mults!r}")
+        _regexes("train.lr_mults", [m[0] for m in mults])
+        for pattern, mult in mults:
+            _float("train", f"lr_mults[{pattern!r}]", mult, 0)
+        if not isinstance(self.eval_split, str) or not self.eval_split:
+            raise UsageError(f"config.train.eval_split must be a split name (e.g. 'test'), got {self.eval_split!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,14 +190,11 @@ class EvalConfig:
     video_slots: str = "bucketed"  # "bucketed": 1/2/10k video slots per prompt | "cap": the config's caps
 
     def __post_init__(self):
-        if int(self.max_new_tokens) <= 0 or int(self.batch_size) <= 0:
-            raise UsageError(f"config.eval.max_new_tokens and batch_size must be positive, got "
-                             f"{self.max_new_tokens}, {self.batch_size}")
-        if not 0.0 < float(self.top_p) <= 1.0 or float(self.temperature) < 0:
-            raise UsageError(f"config.eval.top_p must be in (0, 1] and temperature >= 0, got "
-                             f"{self.top_p}, {self.temperature}")
-        if self.video_slots not in ("bucketed", "cap"):
-            raise UsageError(f"config.eval.video_slots must be 'bucketed' or 'cap', got {self.video_slots!r}")
+        for name in ("max_new_tokens", "batch_size"):
+            _int("eval", name, getattr(self, name), minimum=1)
+        _float("eval", "top_p", self.top_p, 0, 1, lo_open=True)
+        _float("eval", "temperature", self.temperature, 0)
+        _choice("eval", "video_slots", self.video_slots, ("bucketed", "cap"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,21 +237,74 @@ class DataConfig:
     double_dot: bool = False     # True: "seconds..{question}"; the reference HEAD renders "seconds.{question}"
 
     def __post_init__(self):
-        if self.lang not in ("en", "zh"):
-            raise UsageError(f"config.data.lang must be 'en' or 'zh', got {self.lang!r}")
+        _choice("data", "lang", self.lang, ("en", "zh"))
         for name in ("frame_message", "double_dot"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"config.data.{name} must be true or false, got {getattr(self, name)!r}")
-        if int(self.cache_videos) < 0:
-            raise UsageError(f"config.data.cache_videos must be >= 0, got {self.cache_videos}")
+        for name in ("retrieval_frames", "moment_frames", "frame_size", "timestamp_len", "max_turns", "max_len"):
+            _int("data", name, getattr(self, name), minimum=1)
+        for name in ("workers", "cache_videos"):
+            _int("data", name, getattr(self, name), minimum=0)
+        for name in ("max_retrieval_videos", "max_moment_videos", "max_sample_turns"):
+            _int("data", name, getattr(self, name), minimum=1, allow_none=True)
+        _choice("data", "long_prefix", self.long_prefix, LONG_PREFIXES)
+        b = self.text_buckets
+        if (not isinstance(b, (tuple, list)) or not b
+                or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0 for x in b)
+                or list(b) != sorted(set(b))):
+            raise UsageError(f"config.data.text_buckets must be a non-empty increasing tuple of positive "
+                             f"integers, e.g. (512, 1024), got {b!r}")
+        if self.max_len > b[-1]:
+            raise UsageError(f"config.data.max_len {self.max_len} exceeds the largest of config.data.text_buckets "
+                             f"{tuple(b)}: a sample could not be padded to a bucket; lower max_len to at most "
+                             f"{b[-1]} or add a bucket of at least {self.max_len}")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    """``config.mesh``: the (data, fsdp, tensor) axis sizes, one of them -1 ("the rest"), over the
+    first ``num_devices`` devices (0: every device). The product must be the number of devices."""
+
     data: int
     fsdp: int
     tensor: int
     num_devices: int = 0  # 0: every device
+
+    def __post_init__(self):
+        for name in sharding.MESH_AXES:
+            _int("mesh", name, getattr(self, name), minimum=-1,
+                 allowed="a positive integer or -1 (the rest of the devices)")
+            if getattr(self, name) == 0:
+                raise UsageError(f"config.mesh.{name} must be a positive integer or -1 (the rest of the devices), got 0")
+        if self.sizes().count(-1) > 1:
+            raise UsageError(f"config.mesh: at most one of data, fsdp, tensor may be -1, got {self.describe()}")
+        _int("mesh", "num_devices", self.num_devices, minimum=0, allowed="an integer >= 0 (0 = every device)")
+        if self.num_devices:
+            self.resolved(self.num_devices, from_config=True)
+
+    def sizes(self) -> list[int]:
+        return [int(getattr(self, a)) for a in sharding.MESH_AXES]
+
+    def describe(self) -> str:
+        return " x ".join(f"{a}={v}" for a, v in zip(sharding.MESH_AXES, self.sizes()))
+
+    def resolved(self, n_devices: int, *, from_config: bool = False) -> dict[str, int]:
+        """``{data, fsdp, tensor}`` for ``n_devices`` devices (``from_config``: the count is
+        ``config.mesh.num_devices``), or a one-line :class:`UsageError` naming the keys."""
+        have = (f"config.mesh.num_devices is {n_devices}" if from_config else f"this run has {n_devices}")
+        sizes = self.sizes()
+        known = math.prod(v for v in sizes if v != -1)
+        if -1 in sizes:
+            if n_devices % known:
+                raise UsageError(f"config.mesh {self.describe()}: the fixed axes ({known} devices) do not divide "
+                                 f"the devices ({have})")
+            sizes[sizes.index(-1)] = n_devices // known
+        elif known != n_devices:
+            hint = f"; or set config.mesh.num_devices={known} to use {known} of them" if (
+                known < n_devices and not from_config) else ""
+            raise UsageError(f"config.mesh {self.describe()} needs {known} devices, {have} (make data x fsdp x "
+                             f"tensor = {n_devices}, or set one axis to -1: the rest{hint})")
+        return dict(zip(sharding.MESH_AXES, sizes))
 
 
 _MODEL_KEYS = {f.name for f in dataclasses.fields(InterLLaVAConfig)}
@@ -248,14 +361,29 @@ class Experiment:
         for k in config.keys():
             if k not in _TOP:
                 raise UsageError(unknown_key_message(str(k), list(_TOP)).replace("--config.", "config."))
-        return cls(
-            config=config, seed=int(config["seed"]), rng_impl=config.get("rng_impl") or None,
+        for k in ("seed", "model", "data", "train", "trainable", "mesh"):
+            if k not in config:
+                raise UsageError(f"config lacks the {k!r} section")
+        seed = config["seed"]
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise UsageError(f"config.seed must be an integer, got {seed!r}")
+        trainable = config["trainable"]
+        if isinstance(trainable, str) or not all(isinstance(p, str) for p in trainable):
+            raise UsageError(f"config.trainable must be a tuple of regexes over parameter paths, got {trainable!r}")
+        _regexes("trainable", trainable)
+        exp = cls(
+            config=config, seed=int(seed), rng_impl=config.get("rng_impl") or None,
             model=model_config(config["model"]), data=_typed(DataConfig, config["data"], "data"),
             init=_typed(InitConfig, config.get("init", {}), "init"),
             train=_typed(TrainConfig, config["train"], "train"),
             eval=_typed(EvalConfig, config.get("eval", {"max_new_tokens": 512}), "eval"),
-            trainable=tuple(config["trainable"]), mesh_config=_typed(MeshConfig, config["mesh"], "mesh"),
+            trainable=tuple(trainable), mesh_config=_typed(MeshConfig, config["mesh"], "mesh"),
         )
+        patch = int(exp.model.vit.patch_size)
+        if exp.data.frame_size % patch:
+            raise UsageError(f"config.data.frame_size {exp.data.frame_size} is not a multiple of "
+                             f"config.model.vit.patch_size {patch}: frames are cut into whole patches")
+        return exp
 
     def keys(self) -> list[str]:
         """Every config key this experiment was resolved from (``train.lr``, ...)."""
@@ -295,11 +423,37 @@ class Experiment:
         return dataclasses.replace(pc, sample=sample)
 
     # ------------------------------------------------------------------ devices and model
-    def mesh(self, devices=None):
-        m = self.mesh_config
-        n = int(m.num_devices)
-        devices = devices if devices is not None else (jax.devices()[:n] if n else None)
-        return sharding.make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, devices)
+    def _devices(self, devices=None) -> list:
+        n = int(self.mesh_config.num_devices)
+        if devices is not None:
+            return list(devices)
+        have = jax.devices()
+        if n > len(have):
+            raise UsageError(f"config.mesh.num_devices={n}, but this run has {len(have)} devices "
+                             f"(0 = every device)")
+        return list(have[:n] if n else have)
+
+    def mesh_sizes(self, devices=None, *, training: bool = False) -> dict[str, int]:
+        """``{data, fsdp, tensor}`` of the mesh on ``devices`` (default: ``config.mesh.num_devices`` of
+        ``jax.devices()``), checked without building anything: a mesh that does not fit the devices,
+        and with ``training`` a ``train.batch_size`` the batch axes (data x fsdp) or the processes
+        cannot split, are one-line :class:`UsageError`\ s naming the keys. Call after
+        ``distributed.initialize()``: it asks JAX for the devices."""
+        sizes = self.mesh_config.resolved(len(self._devices(devices)))
+        if training:
+            b, rows = int(self.train.batch_size), sizes["data"] * sizes["fsdp"]
+            if b % rows:
+                raise UsageError(f"config.train.batch_size {b} is not divisible by the data-parallel size {rows} "
+                                 f"(config.mesh data={sizes['data']} x fsdp={sizes['fsdp']}): use a multiple of {rows}")
+            if b % jax.process_count():
+                raise UsageError(f"config.train.batch_size {b} is not divisible by the {jax.process_count()} "
+                                 f"processes: use a multiple of {jax.process_count()}")
+        return sizes
+
+    def mesh(self, devices=None, *, training: bool = False):
+        """The (data, fsdp, tensor) mesh, validated first by :meth:`mesh_sizes`."""
+        devices = self._devices(devices)
+        return sharding.make_mesh(self.mesh_sizes(devices, training=training), devices)
 
     def build_model(self, mesh=None):
         """The model with its base weights: ``init.converted`` when set, else random (``seed``)."""

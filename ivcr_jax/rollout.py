@@ -120,7 +120,7 @@ def answer_samples(refs: Sequence[SampleRef], loader: PromptLoader, gen: Generat
         for ref in chunk:
             d = shown_dialogue(ref.dialogue, ref.turn_idx, answers if history == "model" else None)
             try:
-                prompts.append(loader.prompt(d, ref.turn_idx, ref.sample_id))
+                prompts.append(loader.prompt(d, ref.turn_idx, ref.sample_id, truth=ref.dialogue))
                 ok.append(ref)
             except (VideoError, SampleTooLong, ValueError) as e:  # ValueError: an unparseable prompt
                 yield Skipped(ref, str(e))

@@ -59,7 +59,8 @@ def setup(tmp_path_factory, sample_videos):
     def make(missing=False):
         d = tmp_path_factory.mktemp("corpus")
         (d / "ivcr.json").write_text(json.dumps(corpus_records(missing)))
-        dialogues, report = load_dialogues(d / "ivcr.json")
+        # num_candidates=None: the lists repeat the two real clips, which a real corpus may not do
+        dialogues, report = load_dialogues(d / "ivcr.json", num_candidates=None)
         assert report.loaded == 4
         return enumerate_samples(dialogues, SAMPLE_CFG)
 

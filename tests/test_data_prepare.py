@@ -55,7 +55,8 @@ def corpus(tmp_path_factory, sample_videos):
 @pytest.fixture(scope="module")
 def prepared(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
-    return prepare(corpus, out, split="test", retrieval_frames=4, moment_frames=8, size=32)
+    # num_candidates=None: the lists repeat the two real clips, which a real corpus may not do
+    return prepare(corpus, out, split="test", retrieval_frames=4, moment_frames=8, size=32, num_candidates=None)
 
 
 def test_builder_writes_array_record_with_decoded_frames(prepared, corpus):
@@ -79,22 +80,22 @@ def test_builder_writes_array_record_with_decoded_frames(prepared, corpus):
         v.load(dataclasses.replace(req, num_frames=96))
     with pytest.raises(ValueError, match="frame size 32, the pipeline asks for 224"):
         PreparedVideos(prepared, size=224)
-    ds, rep = load_prepared_dialogues(prepared)
+    ds, rep = load_prepared_dialogues(prepared, num_candidates=None)
     assert [d.id for d in ds] == ["a", "b"] and rep.loaded == 2
-    zh, _ = load_prepared_dialogues(prepared, lang="zh")
+    zh, _ = load_prepared_dialogues(prepared, lang="zh", num_candidates=None)
     assert zh[0].turns[0].question == "A man talks in a car.（中文）"
 
 
 def test_prepared_dataset_gives_the_same_eval_batches_as_raw_videos(prepared, corpus, tokenizer):
     scfg = SampleConfig(retrieval_frames=4, moment_frames=8, max_len=1024, video_root=str(corpus / "videos"))
     cfg = PipelineConfig(sample=scfg, batch_size=2, buckets=(256, 512, 1024), frame_size=32, timestamp_len=16)
-    raw_dialogues, _ = load_dialogues(corpus / "ivcr.json", split="test")
+    raw_dialogues, _ = load_dialogues(corpus / "ivcr.json", split="test", num_candidates=None)
     refs = enumerate_samples(raw_dialogues, scfg)
     kw = dict(train=False, seed=0, tokenizer=tokenizer, process_index=0, process_count=1)
     raw_p = make_pipeline(cfg, refs, **kw)
     raw = list(raw_p)
     # the prepared copy of the dialogues with cfg.prepared: no video file is opened
-    prep_dialogues, _ = load_prepared_dialogues(prepared)
+    prep_dialogues, _ = load_prepared_dialogues(prepared, num_candidates=None)
     prep_cfg = dataclasses.replace(cfg, prepared=str(prepared),
                                    sample=dataclasses.replace(scfg, video_root="/nonexistent"))
     prep_p = make_pipeline(prep_cfg, enumerate_samples(prep_dialogues, prep_cfg.sample), **kw)

@@ -196,11 +196,16 @@ def test_a_missing_video_skips_its_samples_and_the_run_goes_on(setup, tokenizer,
 
     root = tmp_path / "corpus"
     shutil.copytree(setup["root"], root)
-    first = next(d for d in json.loads((root / "ivcr.json").read_text()) if d["split"] == "test" and d["type"] != [0])
-    (root / "videos" / first["conversations"][1]["candidate_videos"][0]).unlink()
+    # One dialogue's candidate list names a missing file (every demo clip is in every list: deleting
+    # one would skip every sample, and an evaluation that answers nothing exits 1).
+    recs = json.loads((root / "ivcr.json").read_text())
+    first = next(d for d in recs if d["split"] == "test" and d["type"] not in ([0], [7]))
+    g = first["conversations"][1]
+    g["candidate_videos"][next(i for i, c in enumerate(g["candidate_videos"]) if c != g["video_id"])] = "shapes/gone.mp4"
+    (root / "ivcr.json").write_text(json.dumps(recs))
     out = tmp_path / "eval"
     assert eval_main(_args(root, out, "--max-samples", "3", "--no-charts"),
                      model=setup["model"], tokenizer=tokenizer) == 0
     gen = json.loads((out / "metrics.json").read_text())["generation"]
-    assert gen["skipped"] >= 1 and gen["answered"] + gen["skipped"] == 3
-    assert "video file not found" in (out / "report.md").read_text()
+    assert gen["skipped"] >= 1 and gen["answered"] >= 1 and gen["answered"] + gen["skipped"] == 3
+    assert "gone.mp4: video file not found" in (out / "report.md").read_text()

@@ -9,6 +9,10 @@
 
     # list the tensors of any checkpoint file or HF directory (names, shapes, dtypes)
     python -m ivcr_jax.convert inspect /weights/timechat_7b.pth
+
+A bad input (a missing or malformed file, a taken --out, a tensor of the wrong shape or dtype)
+is one line on stderr naming the file (and the tensor) and exit status 2; --debug shows the
+traceback instead.
 """
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ivcr_jax.cli import load_config
+from ivcr_jax.cli import UsageError, load_config
 from ivcr_jax.convert import common
 from ivcr_jax.convert.ivcr import save_ivcr
+from ivcr_jax.convert.store import check_out
 from ivcr_jax.models.build import model_config
 from ivcr_jax.models.params import CheckpointError
 
@@ -51,18 +56,29 @@ def main(argv=None) -> int:
     ins = sub.add_parser("inspect", help="list the tensors of a checkpoint file or HF directory")
     ins.add_argument("path")
     ins.add_argument("--limit", type=int, default=100000)
+    for p in (iv, ins):
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
 
     try:
         if args.cmd == "inspect":
             return _inspect(args.path, args.limit)
+        # Everything that can be checked without reading weights, before reading any.
+        check_out(args.out)
+        sources = dict(llama=args.llama, eva_vit=args.eva_vit, instructblip=args.instructblip,
+                       timechat=args.timechat, videollama=args.videollama)
+        for flag, path in sources.items():
+            if path and not Path(path).exists():
+                raise CheckpointError(f"{path}: no such file or directory (--{flag.replace('_', '-')})")
         cfg = model_config(load_config(args.config).model)
-        out = save_ivcr(cfg, args.out, llama=args.llama, eva_vit=args.eva_vit,
-                        instructblip=args.instructblip, timechat=args.timechat, videollama=args.videollama)
+        out = save_ivcr(cfg, args.out, **sources)
         print(f"wrote {out}; train or evaluate with --config.init.converted={out}")
         return 0
-    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CheckpointError, UsageError, OSError, ImportError) as e:  # OSError: FileExistsError, ENOSPC ...
+        if args.debug:
+            raise
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print("error: " + " ".join(msg.split()), file=sys.stderr)  # one line (mismatch lists included)
         return 2
 
 

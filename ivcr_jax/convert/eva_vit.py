@@ -98,7 +98,7 @@ class _Collector:
         if shape is not None and tuple(arr.shape) != tuple(shape):
             self.mismatched.append((key, tuple(arr.shape), tuple(shape)))
             return
-        for path, out in fn(arr).items():
+        for path, out in fn(common.check_weight(self.source, key, arr)).items():
             if path in self.flat:
                 raise CheckpointError(f"{self.source}: {key} duplicates {self.origin[path]} "
                                       f"(both map to {path})")

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ivcr_jax.convert.common import read_any, read_hf_config, read_hf_dir
+from ivcr_jax.convert.common import check_weight, hf_weight_files, read_any, read_hf_config, read_hf_dir
 from ivcr_jax.models.params import CheckpointError, CheckpointMismatch, flat_state, load_flat
 from ivcr_jax.models.llama import Llama, LlamaConfig
 from ivcr_jax.models.lora import BASE_PARAMS, LoRAConfig
@@ -122,6 +122,7 @@ def iter_hf_llama(items: Iterable[tuple[str, np.ndarray]], expected: Mapping[str
     """
     dtype = np.dtype(dtype)
     seen: set[str] = set()
+    shaped: set[str] = set()  # mis-shaped paths: reported once, as mis-shaped, not also as missing
     unexpected, mismatched = [], []
     for name, arr in items:
         if _IGNORED_RE.fullmatch(name):
@@ -141,13 +142,14 @@ def iter_hf_llama(items: Iterable[tuple[str, np.ndarray]], expected: Mapping[str
         want_torch = tuple(want[::-1] if transpose else want)
         if tuple(arr.shape) != want_torch:
             mismatched.append((name, tuple(arr.shape), want_torch))
+            shaped.add(path)
             continue
-        out = _convert(arr, transpose, dtype)
+        out = _convert(check_weight(source, name, arr), transpose, dtype)
         if extra_vocab and path in (EMBED_KEY, LM_HEAD_KEY):
             out = extend_vocab({path: out}, extra_vocab)[path]
         seen.add(path)
         yield path, out
-    missing = [path_to_hf(p) for p in expected if p not in seen]
+    missing = [path_to_hf(p) for p in expected if p not in seen and p not in shaped]
     if missing or unexpected or mismatched:
         raise CheckpointMismatch(source, missing, unexpected, mismatched)
 
@@ -155,14 +157,24 @@ def iter_hf_llama(items: Iterable[tuple[str, np.ndarray]], expected: Mapping[str
 # ----------------------------------------------------------------------------- loading
 
 def _source(path: str | os.PathLike, config: LlamaConfig | None, overrides):
+    """``(config, tensor stream, source name)``; errors name the weight file, or the directory when
+    the tensors are spread over shards."""
     path = Path(path)
     if path.is_dir():
-        cfg = config or LlamaConfig.from_hf_config(read_hf_config(path), **overrides)
-        return cfg, read_hf_dir(path)
+        if config is None:
+            try:
+                config = LlamaConfig.from_hf_config(read_hf_config(path), **overrides)
+            except CheckpointError:
+                raise
+            except (KeyError, TypeError, ValueError, NotImplementedError) as e:
+                raise CheckpointError(f"{path / 'config.json'}: not a usable LLaMA config "
+                                      f"({type(e).__name__}: {e})") from None
+        files = hf_weight_files(path)
+        return config, read_hf_dir(path), str(files[0] if len(files) == 1 else path)
     if path.is_file():
         if config is None:
             raise CheckpointError(f"{path}: a bare state-dict file needs an explicit LlamaConfig")
-        return config, read_any(path)
+        return config, read_any(path), str(path)
     raise CheckpointError(f"{path}: no such checkpoint file or directory")
 
 
@@ -176,9 +188,9 @@ def convert_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dt
     """``({path: host array}, config)`` of the base weights (the same ``(flat, config)`` order as
     the other converters), for callers that store them or place them on a mesh themselves.
     ``config.vocab_size`` includes ``extra_vocab``."""
-    config, items = _source(path, config, config_overrides)
+    config, items, source = _source(path, config, config_overrides)
     config = dataclasses.replace(config, vocab_size=config.vocab_size + extra_vocab)
-    flat = dict(iter_hf_llama(items, _expected(config), source=str(path), dtype=dtype,
+    flat = dict(iter_hf_llama(items, _expected(config), source=source, dtype=dtype,
                               extra_vocab=extra_vocab, tie_embeddings=config.tie_embeddings))
     return flat, config
 
@@ -195,7 +207,7 @@ def from_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None,
     materialised by a jitted init (the base initialisers are dead code there). ``config_overrides``
     (e.g. ``remat="full"``) apply on top of ``config.json``.
     """
-    config, items = _source(path, config, config_overrides)
+    config, items, source = _source(path, config, config_overrides)
     config = dataclasses.replace(config, vocab_size=config.vocab_size + extra_vocab)
 
     def make():
@@ -207,7 +219,7 @@ def from_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None,
         nnx.update(model, _lora_init(config, lora, dtype, param_dtype, lora_param_dtype, seed))
     targets = flat_state(model, BASE_PARAMS)
     expected = {k: tuple(v.get_value().shape) for k, v in targets.items()}
-    for p, arr in iter_hf_llama(items, expected, source=str(path), dtype=param_dtype,
+    for p, arr in iter_hf_llama(items, expected, source=source, dtype=param_dtype,
                                 extra_vocab=extra_vocab, tie_embeddings=config.tie_embeddings):
         var = targets[p]
         var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
@@ -254,7 +266,8 @@ def lora_flat(items: Iterable[tuple[str, np.ndarray]], prefix: str = PEFT_PREFIX
         if key in out:
             raise CheckpointError(f"{source}: both {origin[key]} and {name} map to {key}; "
                                   "several adapters are stored, pass adapter=<name>")
-        out[key], origin[key] = np.ascontiguousarray(np.asarray(arr).T).astype(dtype, copy=False), name
+        arr = check_weight(source, name, np.asarray(arr))
+        out[key], origin[key] = np.ascontiguousarray(arr.T).astype(dtype, copy=False), name
     if not out:
         raise CheckpointError(f"{source}: no LoRA tensors under prefix {prefix!r}")
     return out

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ivcr_jax.convert.common import read_hf_config, read_hf_dir, read_torch, torch_linear
+from ivcr_jax.convert.common import check_weight, read_hf_config, read_hf_dir, read_torch, torch_linear
 from ivcr_jax.models.params import CheckpointError, CheckpointMismatch, load_flat
 from ivcr_jax.models.qformer import QFormer, QFormerConfig
 from ivcr_jax.models.video_qformer import VideoQFormer, VideoQFormerConfig, interpolate_frame_pos
@@ -119,9 +119,14 @@ def bert_key(name: str) -> str | None:
     return f"layers/{i}/{block}/norm/{_param('norm', p)}"
 
 
-def _value(path: str, arr: np.ndarray) -> np.ndarray:
+def _value(path: str, arr: np.ndarray, source: str, name: str) -> np.ndarray:
     """Torch layout -> ours: Linear weights are transposed, everything else is kept."""
-    return torch_linear(arr) if path.endswith("/kernel") else np.asarray(arr)
+    arr = check_weight(source, name, np.asarray(arr))
+    if path.endswith("/kernel"):
+        if arr.ndim != 2:
+            raise CheckpointMismatch(source, mismatched=[(name, tuple(arr.shape), "a 2-d Linear weight")])
+        return torch_linear(arr)
+    return arr
 
 
 def empty_model(ctor):
@@ -181,7 +186,7 @@ def convert_hf_qformer(items: Items, *, prefix: str = "", source: str = "<weight
             continue
         if path in flat:
             raise CheckpointError(f"{source}: two keys map to {path} (second: {name})")
-        flat[path] = _value(path, arr)
+        flat[path] = _value(path, arr, source, name)
     if unknown:
         raise CheckpointMismatch(source, unexpected=unknown)
     return HFQFormerParts(flat, other, ignored)
@@ -207,6 +212,8 @@ class LavisParts:
     video_qformer: dict[str, np.ndarray]           # VideoQFormer paths
     other: dict[str, dict[str, np.ndarray]]        # tower -> {original key: array}, see LAVIS_OTHER_TOWERS
     ignored: list[str]                             # keys dropped on purpose, see LAVIS_IGNORED
+    names: dict[str, str] = dataclasses.field(default_factory=dict)  # "qformer/<path>" or
+    #   "video_qformer/<path>" -> the file's key, so shape errors name the tensor of the file
 
 
 def convert_lavis(items: Items, *, source: str = "<weights>", max_frame_pos: int | None = None,
@@ -225,6 +232,7 @@ def convert_lavis(items: Items, *, source: str = "<weights>", max_frame_pos: int
     qf: dict[str, np.ndarray] = {}
     vq: dict[str, np.ndarray] = {}
     other: dict[str, dict[str, np.ndarray]] = {}
+    names: dict[str, str] = {}
     ignored, unknown = [], []
     for name, arr in items:
         if any(re.fullmatch(p, name) for p in LAVIS_IGNORED):
@@ -245,18 +253,20 @@ def convert_lavis(items: Items, *, source: str = "<weights>", max_frame_pos: int
             target, path = vq, "video_query_tokens"
         elif name == "video_frame_position_embedding.weight":
             target, path = vq, "frame_position_embedding"
-            if max_frame_pos is not None and arr.shape[0] != max_frame_pos:
-                arr = interpolate_frame_pos(np.asarray(arr), max_frame_pos)
+            if max_frame_pos is not None and arr.ndim == 2 and arr.shape[0] != max_frame_pos:
+                # (a table of another rank is left as it is: the shape check reports it)
+                arr = interpolate_frame_pos(np.asarray(check_weight(source, name, arr)), max_frame_pos)
         elif (tower := _route(name, LAVIS_OTHER_TOWERS)) is not None:
             other.setdefault(tower, {})[name] = arr
             continue
         if path is None:
             unknown.append(name)
             continue
-        target[path] = _value(path, arr)
+        target[path] = _value(path, arr, source, name)
+        names[("qformer/" if target is qf else "video_qformer/") + path] = name
     if unknown:
         raise CheckpointMismatch(source, unexpected=unknown)
-    return LavisParts(qf, vq, other, ignored)
+    return LavisParts(qf, vq, other, ignored, names)
 
 
 def from_lavis(path, config: QFormerConfig | None = None, *, dtype=jnp.float32,

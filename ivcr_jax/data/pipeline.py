@@ -39,10 +39,13 @@ Q-Former weights were trained on LLaMA ids fed to BERT embeddings), truncated to
 Batching runs in this process, after the (optional) worker processes: skipped samples are counted
 where the counters live and a batch is always full. Workers decode and pad each sample.
 
-A sample whose video is missing or corrupt (``frames.VideoError``), or that cannot fit even without
-history (``samples.SampleTooLong``), is skipped and counted (``Pipeline.stats``,
-``Pipeline.summary()``); the run goes on. In training it is filtered out; in evaluation it becomes a
-weight-0 row (its ``sample_id`` kept), so every process yields the same number of batches.
+A sample the builder rejects is skipped and counted (``Pipeline.stats``, ``Pipeline.summary()``),
+and the run goes on: its video is missing or corrupt (``frames.VideoError``), it cannot fit even
+without history (``samples.SampleTooLong``), its text holds the template's special strings
+(``samples.SampleError``), or its moment span ends past the decoded video (:func:`check_span`,
+``samples.SpanBeyondVideo``). In training it is filtered out; in evaluation it becomes a weight-0
+row (its ``sample_id`` kept), so every process yields the same number of batches. Counts are of
+distinct samples: a sample skipped in every epoch counts once (the draws are counted beside).
 
 Config (:class:`PipelineConfig`; :meth:`PipelineConfig.from_config` reads an ml_collections
 ``config.data`` node with keys ``retrieval_frames, moment_frames, frame_size, timestamp_len,
@@ -61,14 +64,44 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from ivcr_jax.cli import UsageError
 from ivcr_jax.data import frames as frames_lib
 from ivcr_jax.data.batch import ROW, TEXT_PAD, BatchLayout
 from ivcr_jax.data.samples import (
-    Sample, SampleConfig, SampleRef, SampleTooLong, VideoRequest, build_sample, group_name,
+    Sample, SampleConfig, SampleError, SampleRef, SpanBeyondVideo, VideoRequest, build_sample, group_name,
     kind_code, prefix_videos,
 )
+from ivcr_jax.data.schema import MOMENT, Dialogue
 
 log = logging.getLogger(__name__)
+
+# How far past the decoded end of its video a moment span may end. The annotation's times come from
+# the source's metadata, the decoded duration from the file as transcoded (frames / average fps):
+# the two differ by a trailing GOP or a few dropped frames, and the average-fps estimate of a
+# variable-frame-rate file by a per cent or two, so a span ending at the source's "end of video" is
+# not an error. Much beyond that the span belongs to another video or is in another unit.
+SPAN_TOLERANCE_S = 0.5
+SPAN_TOLERANCE_FRACTION = 0.02
+
+
+def span_tolerance(duration: float) -> float:
+    """Seconds a span may end past a video of ``duration`` seconds: max(0.5 s, 2 %)."""
+    return max(SPAN_TOLERANCE_S, SPAN_TOLERANCE_FRACTION * float(duration))
+
+
+def check_span(dialogue: Dialogue, turn_idx: int, duration: float, video: str) -> None:
+    """Raise :class:`~ivcr_jax.data.samples.SpanBeyondVideo` when turn ``turn_idx`` is a moment
+    turn whose ``gt_se`` ends past ``duration`` (the decoded length of ``video``, its ground-truth
+    video) by more than :func:`span_tolerance`. Other turns pass."""
+    turn = dialogue.turns[turn_idx]
+    if turn.kind != MOMENT or turn.gt_se is None:
+        return
+    tol = span_tolerance(duration)
+    if turn.gt_se[1] > float(duration) + tol:
+        raise SpanBeyondVideo(
+            f"dialogue {dialogue.index} ({dialogue.id!r}) turn {turn_idx} (text_id {turn.text_id!r}): gt_se "
+            f"[{turn.gt_se[0]:g}, {turn.gt_se[1]:g}] ends past the end of {video} ({float(duration):.2f} s "
+            f"decoded, {tol:.2f} s tolerance)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +204,21 @@ class RawVideos:
         return f"RawVideos(size={self.size})"
 
 
+class EverySampleSkipped(UsageError):
+    """The pipeline met only skipped samples for ``max_consecutive_skips`` draws (a wrong video root,
+    a corrupt corpus): one line with the reasons; a program exits 2 on it (``cli.run``)."""
+
+
 @dataclasses.dataclass
 class PipelineStats:
-    """Counts of what the pipeline skipped or shortened (as seen by this process since creation)."""
+    """Counts of what the pipeline read, skipped or shortened (as seen by this process since creation).
+
+    ``counts``: ``samples`` is the samples read (draws: one read in 3 epochs counts 3) and
+    ``distinct_samples`` the different ones among them; ``skipped_<reason>``,
+    ``samples_with_history_dropped`` and ``history_turns_dropped`` count **distinct** samples (one
+    skipped in every epoch counts once; :attr:`skipped` is their sum); ``draws_skipped`` is the draws
+    that were skipped. Reasons: ``video``, ``too_long``, ``bad_text``, ``span_beyond_video``.
+    """
 
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     errors: list[str] = dataclasses.field(default_factory=list)
@@ -182,35 +227,52 @@ class PipelineStats:
     # forever in training: stop it with the reasons instead.
     max_consecutive_skips: int = 1000
     _run: int = 0
+    _skipped_ids: set = dataclasses.field(default_factory=set, repr=False)
+    _read_ids: set = dataclasses.field(default_factory=set, repr=False)
+    _shortened_ids: set = dataclasses.field(default_factory=set, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def record(self, el: Mapping) -> None:
         with self._lock:
+            sid = int(el.get("sample_id", -1))
             if el.get("skip"):
-                self.counts[f"skipped_{el['skip']}"] += 1
+                self.counts["draws_skipped"] += 1
                 self._run += 1
-                if len(self.errors) < self.max_errors:
-                    self.errors.append(el.get("error", ""))
-                    log.warning("skipped sample %s: %s", el.get("sample_id"), el.get("error", ""))
+                if sid not in self._skipped_ids:  # a sample met again in a later epoch is not a new skip
+                    self._skipped_ids.add(sid)
+                    self.counts[f"skipped_{el['skip']}"] += 1
+                    if len(self.errors) < self.max_errors:
+                        self.errors.append(el.get("error", ""))
+                        log.warning("skipped sample %s: %s", sid, el.get("error", ""))
                 if self._run >= self.max_consecutive_skips:
-                    raise RuntimeError(f"{self._run} consecutive samples were skipped; is the video root "
-                                       f"right?\n{self.summary()}")
+                    reasons = ", ".join(f"{k.removeprefix('skipped_')}: {v}" for k, v in sorted(self.counts.items())
+                                        if k.startswith("skipped_"))
+                    raise EverySampleSkipped(
+                        f"{self._run} consecutive samples were skipped ({self.skipped} distinct; {reasons}; "
+                        f"e.g. {self.errors[0] if self.errors else '?'}); is the video root right?")
             elif el.get("pad_row"):
                 pass
             else:
                 self._run = 0
                 self.counts["samples"] += 1
-                if el.get("dropped_turns", 0):
+                if sid not in self._read_ids:
+                    self._read_ids.add(sid)
+                    self.counts["distinct_samples"] += 1
+                if el.get("dropped_turns", 0) and sid not in self._shortened_ids:
+                    self._shortened_ids.add(sid)
                     self.counts["samples_with_history_dropped"] += 1
                     self.counts["history_turns_dropped"] += int(el["dropped_turns"])
 
     @property
     def skipped(self) -> int:
+        """Distinct samples skipped."""
         return sum(v for k, v in self.counts.items() if k.startswith("skipped_"))
 
     def summary(self) -> str:
         c = self.counts
-        parts = [f"{c['samples']} samples", f"{self.skipped} skipped"]
+        draws = c["draws_skipped"]
+        parts = [f"{c['samples']} samples read ({c['distinct_samples']} distinct)",
+                 f"{self.skipped} skipped (distinct samples; {draws} draw{'' if draws == 1 else 's'})"]
         parts += [f"{k.removeprefix('skipped_')}: {v}" for k, v in sorted(c.items()) if k.startswith("skipped_")]
         parts.append(f"{c['history_turns_dropped']} history turns dropped from "
                      f"{c['samples_with_history_dropped']} over-long samples")
@@ -293,10 +355,13 @@ class SampleLoader:
             return {"skip": "video", "sample_id": ref.sample_id, "error": f"sample {ref.key}: {e}"}
         timestamps = {r.turn: decoded[(r.path, r.num_frames)].timestamps for r in reqs if r.role == "moment"}
         try:
+            for r in reqs:  # the supervised turn's span, against its own (ground-truth) video
+                if r.role == "moment" and r.turn == ref.turn_idx:
+                    check_span(ref.dialogue, ref.turn_idx, decoded[(r.path, r.num_frames)].duration, r.video_id)
             s = build_sample(ref.dialogue, ref.turn_idx, self.tokenizer, scfg, timestamps=timestamps,
                              sample_id=ref.sample_id)
-        except SampleTooLong as e:
-            return {"skip": "too_long", "sample_id": ref.sample_id, "error": str(e)}
+        except SampleError as e:  # too long, text holding special strings, a span past the video
+            return {"skip": e.reason, "sample_id": ref.sample_id, "error": str(e)}
         return self.pack(s, decoded)
 
     def pack(self, s: Sample, decoded) -> dict:
@@ -503,5 +568,6 @@ def make_pipeline(
     return Pipeline(it, stats, capacity, num_local, cfg, train)
 
 
-__all__ = ["PipelineConfig", "Pipeline", "PipelineStats", "RawVideos", "SampleLoader", "Batcher", "make_pipeline",
-           "batch_layout", "bucket_for", "group_capacity", "group_frames", "pad_text"]
+__all__ = ["EverySampleSkipped", "PipelineConfig", "Pipeline", "PipelineStats", "RawVideos", "SampleLoader", "Batcher",
+           "make_pipeline", "batch_layout", "bucket_for", "check_span", "group_capacity", "group_frames", "pad_text",
+           "span_tolerance"]

@@ -12,8 +12,12 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
-from ivcr_jax.data.pipeline import Batcher, PipelineConfig, RawVideos, SampleLoader, batch_layout, group_frames
-from ivcr_jax.data.samples import Sample, build_prompt, prefix_videos
+from ivcr_jax.data.frames import VideoError
+from ivcr_jax.data.pipeline import (
+    Batcher, PipelineConfig, RawVideos, SampleLoader, batch_layout, check_span, group_frames,
+)
+from ivcr_jax.data.samples import Sample, build_prompt, prefix_videos, turn_videos
+from ivcr_jax.data.schema import MOMENT
 from ivcr_jax.tokenizer import SPECIAL_TOKENS
 
 __all__ = ["Prompt", "PromptLoader", "clean_answer", "video_slots"]
@@ -81,16 +85,39 @@ class PromptLoader:
             self._cache.popitem(last=False)
         return f
 
-    def prompt(self, dialogue, turn_idx: int, sample_id: int = 0) -> Prompt:
-        """Raises ``frames.VideoError`` (a video is missing or corrupt) or ``samples.SampleTooLong``."""
+    def prompt(self, dialogue, turn_idx: int, sample_id: int = 0, *, truth=None) -> Prompt:
+        """The prompt of turn ``turn_idx`` of ``dialogue`` (the dialogue as shown to the model).
+
+        ``truth``: the dialogue as annotated, when ``dialogue`` shows other videos than the
+        ground truth (``rollout.shown_dialogue``); the turn's ``gt_se`` is checked against its own
+        ground-truth video's decoded duration (:func:`pipeline.check_span`), taken from ``truth``,
+        else from ``dialogue``. Raises ``frames.VideoError`` (a video is missing or corrupt) or a
+        ``samples.SampleError``: ``SampleTooLong``, ``SpanBeyondVideo``, or text holding the
+        template's special strings.
+        """
         decoded = {}
         reqs = prefix_videos(dialogue, turn_idx, self.pcfg.sample)
         for r in reqs:
             decoded[(r.path, r.num_frames)] = self._frames(r)
+        self._check_span(truth if truth is not None else dialogue, turn_idx, decoded)
         timestamps = {r.turn: decoded[(r.path, r.num_frames)].timestamps for r in reqs if r.role == "moment"}
         s = build_prompt(dialogue, turn_idx, self.tokenizer, self.pcfg.sample, timestamps=timestamps,
                          sample_id=sample_id)
         return Prompt(s, decoded)
+
+    def _check_span(self, truth, turn_idx: int, decoded) -> None:
+        if truth.turns[turn_idx].kind != MOMENT or truth.turns[turn_idx].gt_se is None:
+            return
+        for r in turn_videos(truth, turn_idx, self.pcfg.sample):
+            if r.role != "moment":
+                continue
+            f = decoded.get((r.path, r.num_frames))
+            if f is None:  # another video was shown: decode the ground truth's for its length
+                try:
+                    f = self._frames(r)
+                except VideoError:  # cannot tell; the span is scored as annotated
+                    return
+            check_span(truth, turn_idx, f.duration, r.video_id)
 
     def capacity(self, prompts: Sequence[Prompt]) -> dict[str, int]:
         groups = sorted(group_frames(self.pcfg.sample))

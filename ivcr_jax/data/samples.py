@@ -24,7 +24,8 @@ The text is rendered by hand exactly as HF's Llama-2-chat template renders these
 tokenizer has no template) and tokenised in one call with ``add_special_tokens=False``, as
 ``apply_chat_template`` does; the tokenizer maps the template's ``<s>`` / ``</s>`` to the bos / eos
 ids (1 / 2). A check verifies that the ids appear exactly where the template puts them, so question
-text that happens to contain ``<s>`` or ``<VIDEOTOKEN>`` raises instead of corrupting a sample.
+text that happens to contain ``<s>`` or ``<VIDEOTOKEN>`` raises :class:`SampleError` (the pipeline
+skips and counts the sample) instead of corrupting it.
 Labels are −100 up to and including the last ``[/INST]``; the final answer and ``</s>`` are
 supervised. Each ``<VIDEOTOKEN>`` is then expanded to that video's ``n_tok = 32·ceil(frames/32)``
 positions (label −100), and ``video_token_index`` tells, for each position, which row of the
@@ -59,8 +60,27 @@ from ivcr_jax.tokenizer import BOS_ID, EOS_ID, VIDEO_TOKEN
 SYSTEM_MESSAGE = "You are an excellent video retrieval AI assistant."
 
 
-class SampleTooLong(ValueError):
+class SampleError(ValueError):
+    """A sample that cannot be built from its (schema-valid) record: the input pipeline and the
+    evaluation skip it and count it under ``reason``; a long run never stops for one record.
+
+    The base class is for text that would corrupt the prompt: a question or answer containing the
+    template's ``<s>`` / ``</s>`` or ``<VIDEOTOKEN>``, which the tokenizer reads as special ids.
+    """
+
+    reason = "bad_text"
+
+
+class SampleTooLong(SampleError):
     """The supervised turn alone exceeds the token or video budget."""
+
+    reason = "too_long"
+
+
+class SpanBeyondVideo(SampleError):
+    """A moment turn's ``gt_se`` ends past its video's decoded duration (``pipeline.check_span``)."""
+
+    reason = "span_beyond_video"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +372,7 @@ def build_sample(
       with_answer: False gives the inference prompt (see :func:`build_prompt`).
     Raises:
       SampleTooLong: even with all history dropped, the sample exceeds ``max_len`` or a video cap.
+      SampleError: a question or answer holds ``<s>``, ``</s>`` or ``<VIDEOTOKEN>``.
     """
     if not 0 <= turn_idx < len(dialogue.turns):
         raise IndexError(f"dialogue {dialogue.index} has {len(dialogue.turns)} turns, asked for turn {turn_idx}")
@@ -395,17 +416,17 @@ def _build(dialogue: Dialogue, first: int, last: int, tokenizer, cfg: SampleConf
     ids = _encode(tokenizer, text) if with_answer else prompt_ids
     where = f"dialogue {dialogue.index} ({dialogue.id!r}) turn {last}"
     if ids[:len(prompt_ids)] != prompt_ids:
-        raise ValueError(f"{where}: the tokenisation of the prompt is not a prefix of the full sample's; "
+        raise SampleError(f"{where}: the tokenisation of the prompt is not a prefix of the full sample's; "
                          f"cannot place the label boundary after the last [/INST]")
     n_turns = len(users)
     n_bos, n_eos = ids.count(BOS_ID), ids.count(EOS_ID)
     want_eos = n_turns if with_answer else n_turns - 1
     if n_bos != n_turns or n_eos != want_eos or (with_answer and ids[-1] != EOS_ID):
-        raise ValueError(f"{where}: expected {n_turns} <s> and {want_eos} </s> ids, found {n_bos} and {n_eos}; "
+        raise SampleError(f"{where}: expected {n_turns} <s> and {want_eos} </s> ids, found {n_bos} and {n_eos}; "
                          f"does a question or answer contain '<s>' or '</s>'?")
     videos = [v for t in turns for v in turn_videos(dialogue, t, cfg)]
     if ids.count(vt_id) != len(videos):
-        raise ValueError(f"{where}: {ids.count(vt_id)} {VIDEO_TOKEN} ids for {len(videos)} videos; "
+        raise SampleError(f"{where}: {ids.count(vt_id)} {VIDEO_TOKEN} ids for {len(videos)} videos; "
                          f"does a question contain '{VIDEO_TOKEN}'?")
     n_tok = cfg.group_tokens()
     out_ids, out_labels, starts = [], [], []
@@ -437,7 +458,8 @@ def kind_code(kind: str) -> int:
 
 
 __all__ = [
-    "SYSTEM_MESSAGE", "IGNORE", "SampleTooLong", "SampleConfig", "VideoRequest", "SampleRef", "Sample",
+    "SYSTEM_MESSAGE", "IGNORE", "SampleError", "SampleTooLong", "SpanBeyondVideo", "SampleConfig", "VideoRequest",
+    "SampleRef", "Sample",
     "group_name", "resolve_video", "enumerate_samples", "moment_number", "turn_videos", "prefix_videos",
     "user_text", "render", "build_sample", "build_prompt", "kind_code",
 ]

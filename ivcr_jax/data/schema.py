@@ -22,20 +22,33 @@ list whose first entry is taken). Only the ids are kept here; whether a video fi
 when frames are decoded (``ivcr_jax.data.frames``), not at load time.
 
 A malformed record raises :class:`RecordError` (naming the record index and the field) when
-``strict=True``; otherwise it is skipped and counted in the :class:`LoadReport`.
+``strict=True``; otherwise it is skipped and counted in the :class:`LoadReport`. Malformed includes
+a ``candidate_videos`` list naming a video twice (its "video N" would be ambiguous; checked with the
+candidate count, so not under ``num_candidates=None``, which reads lists about to be rewritten). A record
+of a split other than :data:`KNOWN_SPLITS` (and the one asked for) is a warning naming the record
+and the split value, once per distinct value with its count. A file that is not UTF-8 or not JSON
+raises :class:`DataFileError` naming the file and the position.
 """
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
+from ivcr_jax.cli import UsageError
+
+log = logging.getLogger(__name__)
+
 RETRIEVAL, MOMENT, CHAT = "retrieval", "moment", "chat"
+# The splits the released data uses ("train", "test"), and the usual names of a held-out split.
+KNOWN_SPLITS = ("train", "test", "val", "validation")
 KINDS = (CHAT, RETRIEVAL, MOMENT)  # position = the integer code used in batches
 NO_SPAN = (-1.0, -1.0)
 
@@ -47,6 +60,11 @@ def video_number(text: str) -> int | None:
     """The first "video N" (N in 1..10) of a text, or None."""
     m = VIDEO_NUMBER_RE.search(text)
     return int(m.group(1)) if m else None
+
+
+class DataFileError(UsageError):
+    """An input file that cannot be read as a whole (missing, not UTF-8, not JSON, not a list):
+    one line naming the file and the position; a program exits 2 on it (``cli.run``)."""
 
 
 class RecordError(ValueError):
@@ -144,10 +162,25 @@ class LoadReport:
     errors: list[str] = dataclasses.field(default_factory=list)  # the first messages, for the log
     max_errors_kept: int = 20
     skipped_turns: list[SkippedTurn] = dataclasses.field(default_factory=list)  # of the skipped records
+    # split value not in KNOWN_SPLITS -> (records with it, index and id of the first)
+    unknown_splits: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
+
+    def add_unknown_split(self, index: int, record: dict) -> None:
+        n, first, rid = self.unknown_splits.get(record["split"], (0, index, record.get("id")))
+        self.unknown_splits[record["split"]] = (n + 1, first, rid)
+
+    def split_warnings(self) -> list[str]:
+        """One line per split value outside :data:`KNOWN_SPLITS`, naming its first record."""
+        out = []
+        for value, (n, first, rid) in self.unknown_splits.items():
+            rid = f" (id {rid!r})" if isinstance(rid, (str, int)) and not isinstance(rid, bool) else ""
+            out.append(f"warning: {self.path}: record {first}{rid} has split {value!r}, not one of "
+                       f"{', '.join(KNOWN_SPLITS)} (a misspelling?); {n} record{'s have' if n != 1 else ' has'} it")
+        return out
 
     def add_error(self, err: RecordError) -> None:
         self.skipped[err.reason] += 1
@@ -163,6 +196,7 @@ class LoadReport:
             lines.append(f"  skipped {n:>7d}  {reason}")
         for e in self.errors:
             lines.append(f"  e.g. {e}")
+        lines += [f"  {w}" for w in self.split_warnings()]
         return "\n".join(lines)
 
 
@@ -255,6 +289,13 @@ class _Parser:
         elif not isinstance(cands, list) or not all(isinstance(c, str) and c.strip() for c in cands):
             self.fail(f"{gf}.candidate_videos", "must be a list of non-empty strings")
         cands = tuple(c.strip() for c in cands)
+        seen: dict[str, int] = {}
+        for i, c in enumerate(cands):
+            # Checked with the candidate count: num_candidates=None reads lists about to be replaced.
+            if c in seen and self.num_candidates is not None:
+                self.fail(f"{gf}.candidate_videos", f"lists {c!r} twice (positions {seen[c] + 1} and {i + 1}); "
+                                                   f"its 'video N' would be ambiguous")
+            seen[c] = i
         se = g.get("gt_se")
         span = None
         if se is None:
@@ -306,14 +347,30 @@ def parse_record(index: int, record: Any, *, lang: str = "en", num_candidates: i
 
 
 def read_json_list(path: str | os.PathLike, what: str) -> list:
-    """The JSON list in ``path``; ``ValueError`` naming the file when it is not valid JSON or not a list."""
+    """The JSON list in ``path`` (UTF-8, a byte-order mark allowed). :class:`DataFileError` (a
+    ``ValueError``) naming the file when it cannot be read, is not UTF-8 (the byte offset, line and
+    column), is not valid JSON (line and column) or is not a list."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataFileError(f"{path}: cannot read ({e.strerror or e})") from None
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = raw.count(b"\n", 0, at) + 1
+        col = at - (raw.rfind(b"\n", 0, at) + 1) + 1
+        raise DataFileError(f"{path}: not valid UTF-8 at byte offset {at} (line {line}, byte {col} of the line: "
+                            f"0x{raw[at]:02x}); save the file as UTF-8") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise DataFileError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise DataFileError(f"{path}: not valid JSON: nested too deeply to read") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of {what}, got {type(data).__name__}")
+        raise DataFileError(f"{path}: expected a JSON list of {what}, got {type(data).__name__}")
     return data
 
 
@@ -334,7 +391,8 @@ def load_dialogues(
       exclude_types: records whose ``type`` list equals one of these are dropped (the reference
         excludes ``[0]``, chit-chat, everywhere). Pass ``()`` to keep all.
       strict: raise :class:`RecordError` on the first malformed record instead of skipping it.
-      num_candidates: required length of ``candidate_videos`` on retrieval turns (None: any).
+      num_candidates: required length of ``candidate_videos`` on retrieval turns, every list also
+        free of repeats (None: any list, as read by ``retrieval.search.write_candidates``).
     """
     path = Path(path)
     records = read_json_list(path, "dialogue records")
@@ -342,6 +400,9 @@ def load_dialogues(
     report = LoadReport(path=str(path), total=len(records))
     out = []
     for i, rec in enumerate(records):
+        if isinstance(rec, dict) and isinstance(rec.get("split"), str) and rec["split"] not in KNOWN_SPLITS \
+                and rec["split"] != split:
+            report.add_unknown_split(i, rec)
         # Split and type filters first: a record of another split is not this run's concern.
         if split is not None and isinstance(rec, dict) and isinstance(rec.get("split"), str) and rec["split"] != split:
             report.other_split += 1
@@ -361,6 +422,8 @@ def load_dialogues(
             continue
         out.append(d)
     report.loaded = len(out)
+    for w in report.split_warnings():
+        log.warning(w)
     return out, report
 
 

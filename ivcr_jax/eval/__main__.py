@@ -43,8 +43,7 @@ from ivcr_jax.eval.metrics import SCORERS, PredictionsFormatError, evaluate_pred
 from ivcr_jax.eval.protocol import TEST_FILTERS
 from ivcr_jax.eval.report import publish
 from ivcr_jax.eval.run_model import evaluate_model
-from ivcr_jax.experiment import Experiment
-from ivcr_jax.models.params import CheckpointError
+from ivcr_jax.experiment import USER_ERRORS, Experiment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +150,10 @@ def main(argv=None, *, model=None, tokenizer=None) -> int:
     """``python -m ivcr_jax.eval``; ``model`` / ``tokenizer`` may be passed in (notebooks, tests)."""
     def body() -> int:
         config, args = cli.parse(argv, build_parser(), config_required=False)
+        if args.max_samples is not None and args.max_samples < 0:
+            raise UsageError(f"--max-samples must be >= 0 (0 = every sample), got {args.max_samples}")
+        if args.max_turn < 1:
+            raise UsageError(f"--max-turn must be >= 1 (the reference prints turns 1-7), got {args.max_turn}")
         if args.reference_bugs and args.scorer != "official":
             raise UsageError("--reference-bugs reproduces the released scorer, whose parsers are the official "
                              "ones: drop --scorer lenient (the lenient row is shown beside it anyway)")
@@ -162,11 +165,9 @@ def main(argv=None, *, model=None, tokenizer=None) -> int:
             raise UsageError("in the model-driven mode the answer language is config.data.lang "
                              "(--config.data.lang=zh), not --lang")
         exp = Experiment.resolve(config)
-        try:
-            return evaluate_model(exp, args, model=model, tokenizer=tokenizer)
-        except (CheckpointError, FileNotFoundError) as e:
-            raise UsageError(str(e)) from None
-    return cli.run(body)
+        return evaluate_model(exp, args, model=model, tokenizer=tokenizer)
+    return cli.run(body, known=USER_ERRORS + (OfficialScorerError, PredictionsFormatError,
+                                              protocol.ReferencePredictionsError))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -177,11 +178,23 @@ def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str 
     return {"predictions": pred_path, "records": records, "skipped": skipped, "generation": generation}
 
 
+def nothing_answered(result: dict, video_root: str) -> str:
+    """The one-line reason of a run that answered no sample (the evaluation then exits 1)."""
+    n, skipped = result["generation"]["samples"], result["skipped"]
+    if not n:
+        return (f"error: no test sample to run (the test filter and --max-samples left none); "
+                f"nothing written but {result['predictions']}")
+    eg = "; ".join(dict.fromkeys(s["error"] for s in skipped[:3]))
+    return (f"error: nothing answered: all {n} samples were skipped (e.g. {eg}); is the video root "
+            f"{video_root} right? No metrics written")
+
+
 def evaluate_model(exp: Experiment, args, *, model=None, tokenizer=None) -> int:
     """The model-driven mode of ``python -m ivcr_jax.eval`` (``args``: its parsed flags).
 
     ``model`` / ``tokenizer`` may be passed in (notebooks, tests); otherwise the model is built from
-    the experiment and ``--checkpoint`` loaded over it.
+    the experiment and ``--checkpoint`` loaded over it. Returns the exit status: 0, or 1 when no
+    sample was answered (every video missing, say), with the reason on stderr and no metrics.
     """
     distributed.initialize()   # a no-op in one process
     annotations = args.annotations or exp.data.annotations
@@ -210,6 +223,10 @@ def evaluate_model(exp: Experiment, args, *, model=None, tokenizer=None) -> int:
         name = "predictions.jsonl" if h == histories[0] else f"predictions_{h}.jsonl"
         result = run(exp, model, tokenizer, dialogues, out_dir=out, history=h, max_samples=args.max_samples,
                      video_root=root, retriever=retriever, mesh=mesh, test_filter=args.test_filter, name=name)
+        if not result["records"]:   # every process generates the same: all stop here
+            if distributed.is_writer():
+                print(nothing_answered(result, root), file=sys.stderr, flush=True)
+            return 1
         if not distributed.is_writer():   # process 0 scores and reports
             continue
         preds, timings_h, _, fields = read_predictions(result["predictions"])

@@ -19,7 +19,13 @@ from flax import nnx
 
 
 class CheckpointError(ValueError):
-    """A file is not a checkpoint of the expected kind."""
+    """A file is not a checkpoint of the expected kind, or it cannot be read or written."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint's files or values are damaged or incomplete (a checksum fails, a file is
+    missing, a restored array is not finite): it is never used; training falls back to an
+    older step."""
 
 
 class CheckpointMismatch(CheckpointError):

@@ -33,7 +33,7 @@ import numpy as np
 
 from ivcr_jax import cli
 from ivcr_jax.data.frames import VIDEO_EXTS, VideoError, load_frames
-from ivcr_jax.data.schema import resolve_video_root
+from ivcr_jax.data.schema import RecordError, resolve_video_root
 from ivcr_jax.retrieval.features import Blip2Extractor, FeatureExtractor, extractor_from_spec, l2n
 
 FORMAT = "ivcr_jax.video_index"
@@ -42,6 +42,10 @@ VERSION = 1
 
 class VideoIndexError(RuntimeError):
     """An index directory that is missing, incomplete or inconsistent with the request."""
+
+
+# What the retrieval programs print as one line (``cli.run(body, known=USER_ERRORS)``).
+USER_ERRORS = (VideoIndexError, VideoError, RecordError)
 
 
 # ----------------------------------------------------------------------------- the corpus
@@ -363,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for s in manifest["skipped"][:20]:
                 print(f"  {s['id']}: {s['error']}", file=sys.stderr)
         return 0
-    return cli.run(body)
+    return cli.run(body, known=USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ivcr_jax import cli, sharding
 from ivcr_jax.data.schema import RETRIEVAL, load_dialogues
 from ivcr_jax.models.xpool import XPool, load_xpool
-from ivcr_jax.retrieval.index import VideoIndex
+from ivcr_jax.models.params import CheckpointError
+from ivcr_jax.retrieval.index import USER_ERRORS, VideoIndex, VideoIndexError
 from ivcr_jax.retrieval.metrics import compute_metrics, ranks_from_lists
 
 _PRECISION = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
@@ -113,7 +114,7 @@ class FirstStage:
             raise ValueError(f"expected embeddings [N, D], got {emb.shape}")
         self.n, self.dim = emb.shape
         if self.n == 0:
-            raise ValueError("cannot search an empty index")
+            raise VideoIndexError("cannot search an empty index (it holds no video)")
         self.mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1}, devices)
         # The mesh axes the logical 'batch' axis maps to: ask the rules with a dimension that every
         # axis product divides (the device count).
@@ -306,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats = write_candidates(args.annotations, None, None, args.out, int(config.search.top_k), retriever=ret)
         print(json.dumps(stats))
         return 0
-    return cli.run(body)
+    return cli.run(body, known=USER_ERRORS + (CheckpointError,))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from flax import nnx
 from ivcr_jax.models.xpool import XPool, XPoolConfig, clamp_logit_scale, infonce, save_xpool, similarity_matrix
 from ivcr_jax import cli
 from ivcr_jax.retrieval import metrics as metrics_lib
-from ivcr_jax.retrieval.index import VideoIndex
+from ivcr_jax.models.params import CheckpointError
+from ivcr_jax.retrieval.index import USER_ERRORS, VideoIndex
 from ivcr_jax.retrieval.search import Retriever, retrieval_turns
 
 
@@ -168,11 +169,13 @@ def train(config, index_dir: str | os.PathLike, annotations: str | os.PathLike, 
     # --- features: the index and the (frozen) text features of the training pairs ---
     index = VideoIndex.load(index_dir)
     if int(config.model.embed_dim) != index.dim:
-        raise ValueError(f"model.embed_dim={config.model.embed_dim} but the index features are {index.dim}-d")
+        raise cli.UsageError(f"config.model.embed_dim={config.model.embed_dim}, but the index {index_dir} holds "
+                             f"{index.dim}-d features: set config.model.embed_dim={index.dim}")
     encode = index.extractor().encode_text
     texts, rows = retrieval_pairs(annotations, index, tc.split)
     if len(rows) < tc.batch_size:
-        raise ValueError(f"{len(rows)} training pairs in split {tc.split!r}, fewer than one batch of {tc.batch_size}")
+        raise cli.UsageError(f"{annotations}: {len(rows)} training pairs in split {tc.split!r}, fewer than one "
+                             f"batch of config.train.batch_size={tc.batch_size}")
     text_feats = np.asarray(encode(texts), np.float32)
     log(f"[xpool] {len(rows)} training pairs over {len(index)} videos ({index.dim}-d, {index.tokens} tokens/video)")
 
@@ -264,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, args = cli.parse(argv, p, default_config="configs/xpool.py")
         train(config, args.index, args.annotations, args.workdir)
         return 0
-    return cli.run(body)
+    return cli.run(body, known=USER_ERRORS + (CheckpointError,))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ivcr_jax import cli
-from ivcr_jax.experiment import Experiment
-from ivcr_jax.train.loop import train
+from ivcr_jax import cli, distributed
+from ivcr_jax.experiment import USER_ERRORS, Experiment
+from ivcr_jax.train.loop import NonFiniteLoss, train
 
 
 def main(argv=None) -> int:
@@ -24,10 +24,16 @@ def main(argv=None) -> int:
 
     def body() -> int:
         config, args = cli.parse(argv, parser)
-        summary = train(Experiment.resolve(config), args.workdir, max_steps=args.max_steps)
+        if args.max_steps is not None and args.max_steps <= 0:
+            raise cli.UsageError(f"--max_steps must be a positive number of steps, got {args.max_steps}")
+        exp = Experiment.resolve(config)
+        # Every config check that needs the devices, before anything is built or compiled.
+        distributed.initialize()
+        exp.mesh_sizes(training=True)
+        summary = train(exp, args.workdir, max_steps=args.max_steps)
         print(f"finished at step {summary['final_step']}; logs and checkpoints in {summary['workdir']}")
         return 0
-    return cli.run(body)
+    return cli.run(body, known=USER_ERRORS + (NonFiniteLoss,))
 
 
 if __name__ == "__main__":

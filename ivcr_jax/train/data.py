@@ -1,21 +1,27 @@
 """The training input: this process's Grain pipeline over a split, and the per-step text length.
 
 ``train_data(exp)`` reads the split's dialogues (``data/schema.py``), enumerates the samples and
-builds the pipeline of this process's block of every global batch (``data/pipeline.py``).
+builds the pipeline of this process's block of every global batch (``data/pipeline.py``). Malformed
+records are skipped and counted at load time (the report is logged then, and again at the end
+with the pipeline's skips); a split that leaves no sample is a one-line error naming the file.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ivcr_jax.cli import UsageError
 from ivcr_jax.data.pipeline import make_pipeline, pad_text
 from ivcr_jax.data.samples import enumerate_samples
 from ivcr_jax.experiment import Experiment
 from ivcr_jax.train.losses import loss_index
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -35,8 +41,15 @@ def train_data(exp: Experiment, *, split: str = "train") -> Data:
     if global_batch % pcount:
         raise ValueError(f"train.batch_size {global_batch} is not divisible by {pcount} processes")
     dialogues, report = exp.dialogues(split)
+    if report.num_skipped and jax.process_index() == 0:
+        log.warning(report.summary())
     pc = exp.pipeline(global_batch // pcount, video_root=exp.video_root(dialogues))
     refs = enumerate_samples(dialogues, pc.sample)
+    if not refs:
+        hint = "".join(f"; {n} records have split {v!r}" for v, (n, _, _) in report.unknown_splits.items())
+        raise UsageError(f"{report.path}: no sample of split {split!r} to train on ({report.loaded} records "
+                         f"loaded, {report.num_skipped} skipped as malformed, {report.excluded_type} excluded "
+                         f"by type, {report.other_split} in other splits{hint})")
     pipe = make_pipeline(pc, refs, train=True, seed=exp.seed, tokenizer=exp.tokenizer)
     return Data(iter(pipe), pipe, len(refs), report.summary())
 

@@ -31,6 +31,17 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
+def non_finite_message(step: int, m: dict, start: int, ckpt: checkpoints.Checkpointer) -> str:
+    last = ckpt.latest_step()
+    msg = (f"non-finite loss at step {step} (loss {m['loss']}, grad norm {m['grad_norm']}); the state was not "
+           f"updated and the last good checkpoint (step {last}) in {ckpt.directory} was saved before it")
+    if start and step == start + 1:
+        # The restored state passed its checksums and finite check: the divergence is the config's.
+        msg += (f"; this run resumed from step {start} and diverged on its first step, so a restart with the "
+                f"same config repeats it: change the config (e.g. a lower train.lr) or resume an earlier step")
+    return msg
+
+
 class _Preemption:
     """SIGTERM → finish the current step, save, exit cleanly."""
 
@@ -85,10 +96,12 @@ def train(exp: Experiment, workdir: str | Path, *, max_steps: int | None = None,
     state = jax.jit(lambda p: step_lib.init_state(p, tx, exp.seed, exp.rng_impl), out_shardings=state_sh)(params)
     del params
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints)
-    start = 0
-    if ckpt.latest_step() is not None:
-        start = int(ckpt.latest_step())
-        state = ckpt.restore(start, checkpoints.abstract_like(state), data.iterator)
+    # The newest intact step (corrupt ones are reported and set aside); a config whose model does
+    # not fit the saved state is named by its changed keys (<workdir>/config.json vs exp.config).
+    start, restored = ckpt.restore_latest(checkpoints.abstract_like(state), data.iterator, config=exp.config,
+                                          log=print if jax.process_index() == 0 else lambda _: None)
+    start, state = (0, state) if start is None else (start, restored)
+    del restored
     total = int(tc.steps if max_steps is None else min(tc.steps, max_steps))
 
     # --- the compiled step ---
@@ -130,10 +143,7 @@ def train(exp: Experiment, workdir: str | Path, *, max_steps: int | None = None,
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not m.pop("finite"):
                 ckpt.wait()
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {step + 1} (loss {m['loss']}, grad norm {m['grad_norm']}); "
-                    f"the state was not updated and the last good checkpoint "
-                    f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact")
+                raise NonFiniteLoss(non_finite_message(step + 1, m, start, ckpt))
             aux.report(m, outputs, host_batch, mesh)
             dt = time.perf_counter() - t0
             m["step_time"] = dt

@@ -23,7 +23,7 @@ from jax.experimental import topologies
 
 from ivcr_jax import cli, sharding
 from ivcr_jax.data.pipeline import batch_layout
-from ivcr_jax.experiment import Experiment
+from ivcr_jax.experiment import USER_ERRORS, Experiment
 from ivcr_jax.models import build
 from ivcr_jax.models.params import count, trainable_filter
 from ivcr_jax.train import optim, step as step_lib
@@ -110,11 +110,18 @@ def plan_cli(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=2048)
     config, args = cli.parse(argv, parser)
     exp = Experiment.resolve(config)
-    sizes = dict(zip(sharding.MESH_AXES, (int(x) for x in args.mesh.split(","))))
+    try:
+        sizes = dict(zip(sharding.MESH_AXES, (int(x) for x in args.mesh.split(","))))
+    except ValueError:
+        raise cli.UsageError(f"--mesh {args.mesh}: give data,fsdp,tensor sizes, e.g. 1,-1,1") from None
     if args.topology:
         devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
     else:
         devices = jax.devices()[: args.devices] if args.devices else jax.devices()
+    try:
+        sharding.resolve_mesh_shape(sizes, len(devices))
+    except ValueError as e:
+        raise cli.UsageError(f"--mesh {args.mesh}: {e}") from None
     mesh = sharding.make_mesh(sizes, devices)
     out = plan(exp, mesh, batch_size=args.batch or None, seq_len=args.seq)
     gib = 1024 ** 3
@@ -128,7 +135,7 @@ def plan_cli(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    return cli.run(lambda: 0 if plan_cli(argv) else 1)
+    return cli.run(lambda: 0 if plan_cli(argv) else 1, known=USER_ERRORS)
 
 
 if __name__ == "__main__":
