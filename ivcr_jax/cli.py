@@ -257,10 +257,13 @@ _USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EEXIST, errno.EIS
 
 def is_user_error(e: BaseException, known: Sequence[type] = ()) -> bool:
     """Whether ``e`` is one :func:`run` prints as one line: a :class:`UsageError`, one of ``known``,
-    or an ``OSError`` about a path, a permission or a full disk."""
+    or an ``OSError`` about a path, a permission or a full disk (our own ``FileNotFoundError``s,
+    which carry no errno, name the path)."""
     if isinstance(e, (UsageError, *known)):
         return True
-    return isinstance(e, OSError) and e.errno in _USER_ERRNOS
+    # A FileNotFoundError raised by our own code names the path in its message (no errno).
+    return isinstance(e, OSError) and (e.errno in _USER_ERRNOS or (isinstance(e, FileNotFoundError)
+                                                                   and e.errno is None))
 
 
 def run(main: Callable[[], int], *, known: Sequence[type] = ()) -> int:

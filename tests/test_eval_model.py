@@ -84,8 +84,8 @@ def test_model_history_puts_the_models_answers_into_later_prompts(setup, tokeniz
     seen = []
     original = prompts.PromptLoader.prompt
 
-    def spy(self, dialogue, turn_idx, sample_id=0):
-        p = original(self, dialogue, turn_idx, sample_id)
+    def spy(self, dialogue, turn_idx, sample_id=0, **kw):
+        p = original(self, dialogue, turn_idx, sample_id, **kw)
         seen.append((dialogue.id, turn_idx, p.sample.text))
         return p
 

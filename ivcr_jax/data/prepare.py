@@ -43,7 +43,7 @@ import numpy as np
 from ivcr_jax import cli
 from ivcr_jax.data import frames as frames_lib
 from ivcr_jax.data.samples import SampleConfig, VideoRequest, turn_videos
-from ivcr_jax.data.schema import load_dialogues, resolve_video_root
+from ivcr_jax.data.schema import RecordError, load_dialogues, resolve_video_root
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  failed {k}: {e}")
         print(f"use it with --config.data.prepared={path}")
         return 0
-    return cli.run(body)
+    return cli.run(body, known=(RecordError, frames_lib.VideoError))
 
 
 if __name__ == "__main__":
