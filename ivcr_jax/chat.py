@@ -494,6 +494,8 @@ def _main(argv, model, tokenizer) -> int:
     script = read_script(args.script) if args.script else None  # before the model: a bad file costs nothing
     if args.json_out and Path(args.json_out).is_dir():
         raise UsageError(f"--json-out {args.json_out}: is a directory; give a file name")
+    if args.json_out:   # before the conversation, so a transcript is never lost at the end
+        cli.output_dir(Path(args.json_out).absolute().parent, f"--json-out {args.json_out}: its directory")
     if args.video:
         try:
             video_file(args.video)  # before the model is loaded: a typo should not cost minutes

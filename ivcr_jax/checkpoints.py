@@ -37,7 +37,9 @@ import contextlib
 import errno
 import json
 import logging
+import re
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -139,7 +141,33 @@ def _cause(e: BaseException) -> str:
             return f"{x.strerror or name} ({name})" + (f": {x.filename}" if x.filename else "")
         todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
     line = (str(e).strip().splitlines() or [""])[0]
+    if "No space left on device" in str(e) or "OS error 28" in str(e):   # TensorStore: RESOURCE_EXHAUSTED
+        where = re.search(r'local file "([^"]+)"', str(e))
+        return "No space left on device (ENOSPC)" + (f": {where.group(1)}" if where else "")
     return f"{type(e).__name__}: {line[:300]}" + (" ..." if len(line) > 300 else "")
+
+
+def _tree_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+_HOOKED = {"excepthook": None}
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """After a save fails mid-write, TensorStore's pending writes call back into Orbax's event
+    loop, already closed, and each prints a "RuntimeError: Event loop is closed" traceback through
+    ``sys.excepthook`` (hundreds on a full disk). The failure itself is reported as one
+    :class:`CheckpointError` line; those echoes are dropped (any other exception is printed as before)."""
+    if _HOOKED["excepthook"] is not None:
+        return
+    previous = _HOOKED["excepthook"] = sys.excepthook
+
+    def hook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        previous(kind, value, tb)
+    sys.excepthook = hook
 
 
 @contextlib.contextmanager
@@ -200,6 +228,7 @@ class Checkpointer:
         self.workdir = Path(workdir).absolute()
         self.directory = checkpoint_dir(workdir)
         self._in_flight: int | None = None     # the step an asynchronous save is writing
+        _drop_closed_loop_callbacks()
         self._failed = False
         # cleanup_tmp_directories: a save that died half-way (kill, disk full) leaves Orbax's
         # temporary directory; the next run removes it.
@@ -222,6 +251,7 @@ class Checkpointer:
         """Start saving ``step`` (the previous save is finished first). A save that fails (disk
         full, ...) raises :class:`CheckpointError`; the steps saved before it are untouched."""
         self.wait()
+        self._check_room(step)
         args = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -232,6 +262,24 @@ class Checkpointer:
             raise self._save_failed(step, e) from None
         self._in_flight = step if saved else None
         return saved
+
+    def _check_room(self, step: int) -> None:
+        """Refuse to start a save the disk cannot hold: a step is about the size of the last one,
+        and the oldest kept step is deleted only after the new one commits. Checked before Orbax
+        writes anything, so a full disk stops the run with one line and the last step untouched;
+        a disk that fills up during the write is caught by :meth:`wait` instead."""
+        steps = [s for s in _steps(self.directory) if s != step]
+        if not steps:
+            return
+        need = int(_tree_bytes(self.step_dir(steps[-1])) * 1.05) + (1 << 20)
+        free = shutil.disk_usage(self.directory).free
+        short = free < need
+        if jax.process_count() > 1:   # every process stops, or none (a save is collective)
+            short = bool(multihost_utils.process_allgather(jnp.asarray(short)).any())
+        if short:
+            raise self._save_failed(step, OSError(errno.ENOSPC, f"No space left on device: {free / 2**20:.0f} MiB "
+                                                  f"free, a step takes about {need / 2**20:.0f} MiB",
+                                                  str(self.directory)))
 
     def wait(self):
         """Block until the save in flight has committed; raise :class:`CheckpointError` if it failed."""

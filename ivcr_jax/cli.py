@@ -43,6 +43,18 @@ class UsageError(ValueError):
     """A bad command line or config value: printed as one line, exit status 2."""
 
 
+def output_dir(path: str | Path, what: str) -> Path:
+    """Create the output directory ``path`` (``what``: the flag naming it), or one line saying why not."""
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"{what} {d}: exists and is not a directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{what} {d}: cannot be created ({e.strerror or e})") from None
+    return d
+
+
 # C0 and C1 control characters (newline and tab kept) and the bidirectional overrides: text from a
 # data file or a model printed to a terminal must not move the cursor, recolour it or reorder a line.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")

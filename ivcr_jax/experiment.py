@@ -45,7 +45,7 @@ from ivcr_jax.data.pipeline import PipelineConfig
 from ivcr_jax.data.samples import SampleTooLong
 from ivcr_jax.models import build
 from ivcr_jax.models.interllava import InterLLaVAConfig
-from ivcr_jax.models.params import CheckpointError
+from ivcr_jax.models.params import CheckpointError, CheckpointMismatch
 from ivcr_jax.tokenizer import bundled_test_tokenizer, load_tokenizer
 
 AUX_LOSS_MODES = ("faithful", "differentiable", "off")
@@ -332,10 +332,69 @@ def model_config(node: Any) -> InterLLaVAConfig:
         if k not in _MODEL_KEYS:
             raise UsageError(unknown_key_message(f"model.{k}", [f"model.{n}" for n in _MODEL_KEYS])
                              .replace("--config.", "config."))
+    _check_model(d)
     try:
         return build.model_config(d)
-    except TypeError as e:  # an unknown or missing key inside a tower's node
+    except (TypeError, ValueError) as e:  # an unknown or missing key inside a tower's node
         raise UsageError(f"config.model: {e}") from None
+
+
+# The sizes of each tower that must be positive integers, and the (numerator, denominator) pairs
+# that must divide: checked on the plain dict before any module sees them.
+_MODEL_SIZES = {
+    "vit": ("image_size", "patch_size", "width", "depth", "heads", "mlp_dim"),
+    "qformer": ("vocab_size", "hidden", "layers", "heads", "mlp_dim", "max_positions",
+                "cross_attention_freq", "encoder_width", "num_query_tokens"),
+    "video_qformer": ("hidden", "layers", "heads", "mlp_dim", "encoder_width", "num_query_tokens",
+                      "max_frame_pos"),
+    "llm": ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads", "max_positions"),
+    "lora": ("rank",),
+}
+_MODEL_DIVIDES = (("vit", "image_size", "patch_size"), ("vit", "width", "heads"),
+                  ("qformer", "hidden", "heads"), ("video_qformer", "hidden", "heads"),
+                  ("llm", "hidden", "heads"), ("llm", "heads", "kv_heads"))
+_MODEL_WIDTHS = ((("qformer", "encoder_width"), ("vit", "width")),
+                 (("video_qformer", "encoder_width"), ("qformer", "hidden")))
+_DTYPES = ("float32", "bfloat16", "float16")
+_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _check_model(d: Mapping[str, Any]) -> None:
+    """Every value of ``config.model`` a module would trip over, as one line naming the key."""
+    towers = {t: dict(d[t]) for t in _MODEL_SIZES if isinstance(d.get(t), Mapping)}
+    for tower, names in _MODEL_SIZES.items():
+        for name in names:
+            if name in towers.get(tower, {}):
+                _int(f"model.{tower}", name, towers[tower][name], minimum=1)
+    for tower, num, den in _MODEL_DIVIDES:
+        t = towers.get(tower, {})
+        if num in t and den in t and t[num] % t[den]:
+            raise UsageError(f"config.model.{tower}.{num} ({t[num]}) must be a multiple of "
+                             f"config.model.{tower}.{den} ({t[den]})")
+    for (ta, ka), (tb, kb) in _MODEL_WIDTHS:
+        a, b = towers.get(ta, {}).get(ka), towers.get(tb, {}).get(kb)
+        if a is not None and b is not None and a != b:
+            raise UsageError(f"config.model.{ta}.{ka} ({a}) must equal config.model.{tb}.{kb} ({b}): "
+                             f"the one reads the other's output")
+    for tower in ("vit", "qformer", "video_qformer", "llm"):
+        for name in ("eps", "post_eps", "rms_eps", "rope_theta"):
+            if name in towers.get(tower, {}):
+                _float(f"model.{tower}", name, towers[tower][name], 0.0, lo_open=True)
+    for tower in ("qformer", "video_qformer", "lora"):
+        if "dropout" in towers.get(tower, {}):
+            _float(f"model.{tower}", "dropout", towers[tower]["dropout"], 0.0, 1.0, hi_open=True)
+    lora = towers.get("lora", {})
+    if "alpha" in lora:
+        _float("model.lora", "alpha", lora["alpha"], 0.0, lo_open=True)
+    bad = [t for t in lora.get("targets", ()) if t not in _LORA_TARGETS]
+    if bad or ("targets" in lora and not lora["targets"]):
+        raise UsageError(f"config.model.lora.targets must be a non-empty tuple of {', '.join(_LORA_TARGETS)}, "
+                         f"got {tuple(lora['targets'])!r}")
+    for name in ("frozen_dtype", "trainable_dtype", "compute_dtype"):
+        if name in d:
+            _choice("model", name, d[name], _DTYPES)
+    if "remat" in d:
+        _choice("model", "remat", d["remat"], ("none", "full", "dots"))
 
 
 _TOP = ("seed", "rng_impl", "model", "data", "init", "train", "eval", "trainable", "mesh")
@@ -463,6 +522,14 @@ class Experiment:
         """``(model, description)``: the base weights, then ``checkpoint`` (converted dir or run)."""
         with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             model = build.build_model(self.model, mesh=mesh, seed=self.seed, random_init=self.init.random_init)
-            what = checkpoints.load_weights(model, checkpoint, base=self.init.converted,
-                                            trainable=self.trainable, seed=self.seed)
+            try:
+                what = checkpoints.load_weights(model, checkpoint, base=self.init.converted,
+                                                trainable=self.trainable, seed=self.seed)
+            except CheckpointMismatch as e:
+                # One line; for a training workdir, the config keys that differ from the run's.
+                run_config = Path(checkpoint or "") / "config.json"
+                changed = [c for c in checkpoints.config_changes(run_config, self.config)
+                           if c.startswith(("model.", "trainable"))]
+                hint = f"; this config differs from {run_config} in: {', '.join(changed)}" if changed else ""
+                raise CheckpointError(" ".join(str(e).split()) + hint) from None
         return model, what

@@ -46,6 +46,7 @@ class Answered:
 class Skipped:
     ref: SampleRef
     error: str
+    reason: str = "bad_prompt"   # the pipeline's skip reasons: video, too_long, bad_text, span_beyond_video
 
     @property
     def turn(self):
@@ -123,7 +124,7 @@ def answer_samples(refs: Sequence[SampleRef], loader: PromptLoader, gen: Generat
                 prompts.append(loader.prompt(d, ref.turn_idx, ref.sample_id, truth=ref.dialogue))
                 ok.append(ref)
             except (VideoError, SampleTooLong, ValueError) as e:  # ValueError: an unparseable prompt
-                yield Skipped(ref, str(e))
+                yield Skipped(ref, str(e), "video" if isinstance(e, VideoError) else getattr(e, "reason", "bad_prompt"))
         if not prompts:
             continue
         g = gen(loader.batch(prompts, batch_size), temperature=temperature, top_p=top_p,

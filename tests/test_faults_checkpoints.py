@@ -164,6 +164,43 @@ def test_a_save_that_fills_the_disk_keeps_the_previous_step_and_says_so(tmp_path
     np.testing.assert_array_equal(np.asarray(state["params"]["a"]), np.arange(10.0))
 
 
+def test_a_disk_without_room_for_another_step_stops_before_orbax_writes(tmp_path, monkeypatch):
+    """Checked before the save starts (a step is about the size of the last one): no partial step,
+    no background writer failing mid-way, the previous step untouched."""
+    ck = Checkpointer(tmp_path)
+    ck.save(4, _state(1.0), force=True)
+    ck.wait()
+    size = sum(f.stat().st_size for f in (tmp_path / "checkpoints" / "4").rglob("*") if f.is_file())
+    real = shutil.disk_usage
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=size // 2))
+    with pytest.raises(CheckpointError) as e:
+        with ck:
+            ck.save(8, _state(2.0), force=True)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot save step 8 to {tmp_path / 'checkpoints'}: No space left on device")
+    assert "(ENOSPC)" in msg and "a step takes about" in msg and "\n" not in msg
+    assert f"the previous checkpoint {tmp_path / 'checkpoints' / '4'} is intact (checksums verified)" in msg
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+
+
+def test_a_tensorstore_disk_full_error_reads_as_enospc():
+    e = ValueError('RESOURCE_EXHAUSTED: Error writing "opt.1.mu.x/0.0" in OCDBT database at local file '
+                   '"/w/checkpoints/10.orbax-checkpoint-tmp/state/ocdbt.process_0/": Failed writing: '
+                   '"/w/checkpoints/10.orbax-checkpoint-tmp/state/d/abc" [OS error 28: No space left on device]')
+    assert checkpoints._cause(e) == ("No space left on device (ENOSPC): "
+                                     "/w/checkpoints/10.orbax-checkpoint-tmp/state/ocdbt.process_0/")
+
+
+def test_closed_event_loop_echoes_are_dropped_and_other_errors_printed(capsys):
+    import sys
+    checkpoints._drop_closed_loop_callbacks()   # what every Checkpointer installs
+    sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+    assert capsys.readouterr().err == ""
+    sys.excepthook(KeyError, KeyError("other"), None)
+    assert "KeyError" in capsys.readouterr().err
+
+
 def test_the_non_finite_message_after_a_resume_says_a_restart_repeats_it(tmp_path):
     _two_steps(tmp_path)
     ck = Checkpointer(tmp_path)
@@ -241,3 +278,14 @@ def _other_model(corpus):
     c = _config(corpus)
     c.model.lora.rank = 4
     return c
+
+
+def test_eval_with_another_model_config_is_one_line_naming_the_changed_keys(demo_corpus, run8, tmp_path, capsys):
+    src, _ = run8
+    rc = eval_main(["--config", "configs/demo.py", "--checkpoint", str(src), "--out", str(tmp_path / "e"),
+                    f"--config.data.annotations={demo_corpus}/ivcr.json", "--max-samples", "1", "--no-charts",
+                    "--config.trainable=" + repr(tuple(_config(demo_corpus).trainable)), "--config.model.lora.rank=4"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err and err.splitlines() == [err]
+    assert "does not match the model: mis-shaped keys" in err
+    assert f"this config differs from {src / 'config.json'} in: model.lora.rank (8 -> 4)" in err

@@ -69,6 +69,18 @@ BAD_VALUES = [
     (["mesh.data=4", "mesh.num_devices=2"], ["config.mesh data=4 x fsdp=1 x tensor=1 needs 4 devices",
                                              "config.mesh.num_devices is 2"]),
     (["trainable=('qformer/(',)"], ["config.trainable", "'qformer/('", "not a regular expression"]),
+    # model values a module would trip over deep inside (issue 14 held-out set)
+    (["model.lora.dropout=1.5"], ["config.model.lora.dropout", "[0, 1)", "got 1.5"]),
+    (["model.lora.rank=0"], ["config.model.lora.rank", "must be positive (an integer >= 1)"]),
+    (["model.lora.targets=('q_proj','qq_proj')"], ["config.model.lora.targets", "q_proj, k_proj", "'qq_proj'"]),
+    (["model.llm.heads=3"], ["config.model.llm.hidden (128)", "multiple of config.model.llm.heads (3)"]),
+    (["model.llm.kv_heads=3"], ["config.model.llm.heads (4)", "multiple of config.model.llm.kv_heads (3)"]),
+    (["model.vit.patch_size=0"], ["config.model.vit.patch_size", "must be positive (an integer >= 1)"]),
+    (["model.qformer.encoder_width=32"], ["config.model.qformer.encoder_width (32)", "config.model.vit.width (64)"]),
+    (["model.video_qformer.dropout=-1.0"], ["config.model.video_qformer.dropout", "[0, 1)"]),
+    (["model.llm.rms_eps=0.0"], ["config.model.llm.rms_eps", "(0, inf)"]),
+    (["model.frozen_dtype=float33"], ["config.model.frozen_dtype", "'float32', 'bfloat16', 'float16'"]),
+    (["model.remat=some"], ["config.model.remat", "'none', 'full', 'dots'"]),
     # a misspelt key: named, with the closest existing ones
     (["train.ckpt_evry=10"], ["--config.train.ckpt_evry", "no such key", "train.ckpt_every"]),
     (["eval.max_new_tokenz=3"], ["--config.eval.max_new_tokenz", "no such key", "eval.max_new_tokens"]),
@@ -327,3 +339,27 @@ def test_printable_keeps_text_and_escapes_controls():
     assert cli.printable("caf\u00e9 \u4e2d\u6587 a\tb\nc") == "caf\u00e9 \u4e2d\u6587 a\tb\nc"
     assert cli.printable("a\x00b\x7fc\x85d\u202ee") == "a\\x00b\\x7fc\\x85d\\u202ee"
     assert cli.printable("a\nb\tc", newlines=False) == "a\\nb\\tc"
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "run"
+    f.write_text("not a directory")
+    assert train_main.main(["--config", DEMO, "--config.mesh.num_devices=1", "--workdir", str(f)]) == 2
+    assert _one_error_line(capsys) == f"error: workdir {f}: exists and is not a directory"
+
+
+def test_eval_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "out"
+    f.write_text("x")
+    assert eval_main.main(["--annotations", str(f), "--predictions", str(f), "--out", str(f)]) == 2
+    assert _one_error_line(capsys) == f"error: --out {f}: exists and is not a directory"
+
+
+def test_chat_checks_json_out_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    root = _corpus(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setattr(Experiment, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert chat.main(["--config", TINY, "--corpus", str(root), "--json-out", str(blocker / "t.json")]) == 2
+    line = _one_error_line(capsys)
+    assert f"--json-out {blocker / 't.json'}: its directory {blocker}: exists and is not a directory" in line

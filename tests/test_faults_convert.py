@@ -221,6 +221,27 @@ def test_existing_out_is_refused_before_any_loading(sources, tmp_path, capsys):
     assert f"{f / 'sub'}: cannot be created ({f} is not a directory)" in line
 
 
+def test_out_the_file_system_refuses_is_refused_before_any_loading(sources, tmp_path, capsys, monkeypatch):
+    """/proc or a read-only mount passes the access check and still refuses the mkdir."""
+    out = tmp_path / "ro" / "out"
+    real = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self == out:
+            raise OSError(30, "Read-only file system", str(self))
+        return real(self, *a, **k)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    line = _one_error_line(*_convert(sources, capsys, out, llama=tmp_path / "nope"))
+    assert line == f"error: {out}: cannot be created (Read-only file system)"
+
+
+def test_a_model_entry_that_is_not_a_state_dict_is_named(sources, tmp_path, capsys):
+    bad = tmp_path / "tc.pth"
+    torch.save({"model": [1, 2, 3], "epoch": 2}, bad)
+    line = _one_error_line(*_convert(sources, capsys, tmp_path / "out", timechat=bad))
+    assert line == f"error: {bad}: its 'model' entry is a list, not a state dict"
+
+
 def test_empty_existing_out_is_used(sources, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

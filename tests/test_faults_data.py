@@ -4,6 +4,7 @@ a candidate listed twice) are rejected and counted; an unknown split is a warnin
 record; a file that is not UTF-8 or not JSON is one line naming the file and the position; skip
 counts are of distinct samples; an evaluation that answers nothing exits 1 with the reason."""
 import dataclasses
+import collections
 import json
 import logging
 import shutil
@@ -242,6 +243,24 @@ def test_an_eval_that_answers_nothing_exits_1_with_the_reason(tmp_path, tokenize
     assert len(err) == 1 and err[0].startswith("error: nothing answered: all ") and "samples were skipped" in err[0]
     assert "video file not found" in err[0] and f"is the video root {root / 'videos'} right?" in err[0]
     assert not (out / "metrics.json").exists()
+
+
+def test_an_eval_reports_its_skips_by_reason(tmp_path, tokenizer, capsys):
+    from ivcr_jax.data.demo import build_demo_corpus
+
+    root = build_demo_corpus(tmp_path / "demo", num_generated=8, size=32)
+    uses = collections.Counter(v for r in json.loads((root / "ivcr.json").read_text()) if r["split"] == "test"
+                               for t in r["conversations"][1::2] for v in {t.get("video_id"), *t.get("candidate_videos", ())} if v)
+    (root / "videos" / min(uses, key=uses.get)).unlink()   # the test split's least used video
+    out = tmp_path / "eval"
+    exp = tiny_experiment()
+    args = [*tiny_flags("eval.max_new_tokens=4"), "--annotations", str(root / "ivcr.json"), "--out", str(out),
+            "--no-charts"]
+    assert eval_main(args, model=random_model(exp), tokenizer=tokenizer) == 0
+    got = json.loads((out / "metrics.json").read_text())["input"]
+    n = got["samples_skipped"]
+    assert n > 0 and got["samples_skipped_by_reason"] == {"video": n}
+    assert f"{got['samples']} samples: {got['answered']} answered, {n} skipped (video {n})" in capsys.readouterr().out
 
 
 def test_a_training_input_that_only_skips_stops_with_one_line(cfg, tokenizer, tmp_path):

@@ -149,7 +149,10 @@ def read_torch(path: str | os.PathLike, key: str | None = None) -> Iterator[tupl
         if not isinstance(obj, Mapping) or key not in obj:
             raise CheckpointError(f"{path}: expected a dict with a {key!r} entry")
         obj = obj[key]
-    elif isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+    elif isinstance(obj, Mapping) and "model" in obj and not hasattr(obj["model"], "detach"):
+        if not isinstance(obj["model"], Mapping):  # LAVIS/TimeChat files: {"model": state_dict, ...}
+            raise CheckpointError(f"{path}: its 'model' entry is a {type(obj['model']).__name__}, "
+                                  "not a state dict")
         obj = obj["model"]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")

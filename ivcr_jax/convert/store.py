@@ -74,6 +74,15 @@ def check_out(directory: str | Path) -> Path:
         raise CheckpointError(f"{d}: cannot be created ({parent} is not a directory)")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"{d}: cannot be created ({parent} is not writable)")
+    if not d.exists():  # some file systems (/proc, read-only mounts) pass the access check and still refuse
+        try:
+            d.mkdir(parents=True)
+        except OSError as e:
+            raise CheckpointError(f"{d}: cannot be created ({e.strerror or e})") from None
+        for made in [d, *d.parents]:   # leave nothing behind: the conversion creates it again
+            if made == parent:
+                break
+            made.rmdir()
     return d
 
 

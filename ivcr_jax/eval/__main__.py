@@ -157,6 +157,7 @@ def main(argv=None, *, model=None, tokenizer=None) -> int:
         if args.reference_bugs and args.scorer != "official":
             raise UsageError("--reference-bugs reproduces the released scorer, whose parsers are the official "
                              "ones: drop --scorer lenient (the lenient row is shown beside it anyway)")
+        cli.output_dir(args.out, "--out")
         if args.predictions is not None:
             return score_file(args)
         if config is None:

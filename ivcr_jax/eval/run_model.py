@@ -53,6 +53,7 @@ combination met.
 """
 from __future__ import annotations
 
+import collections
 import io
 import json
 import sys
@@ -150,7 +151,7 @@ def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str 
     with open(pred_path, "w", encoding="utf-8") if writer else io.StringIO() as f:
         for it in items:
             if isinstance(it, Skipped):
-                skipped.append({"text_id": it.turn.text_id, "error": it.error})
+                skipped.append({"text_id": it.turn.text_id, "error": it.error, "reason": it.reason})
                 log(f"skipped {it.ref.key}: {it.error}")
                 continue
             g = it.generation
@@ -167,6 +168,7 @@ def run(exp: Experiment, model, tokenizer, dialogues: Sequence, *, out_dir: str 
         "max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p),
         "decoding": "greedy" if temperature <= 0 else "sampled", "seed": int(seed), "batch_size": int(batch_size),
         "samples": len(refs), "answered": len(records), "skipped": len(skipped),
+        "skipped_by_reason": dict(collections.Counter(s["reason"] for s in skipped).most_common()),
         "compiled_shapes": gen.compile_counts, "compile_s": compile_s,
         "wall_s": time.perf_counter() - t_start, "frames": "uniform",
         "timings": ("per-query latency (batch size 1)" if batch_size == 1 else
@@ -247,12 +249,14 @@ def evaluate_model(exp: Experiment, args, *, model=None, tokenizer=None) -> int:
         "config": args.config, "checkpoint": str(args.checkpoint), "weights": what, "annotations": str(annotations),
         "split": args.split, "video_root": root, "annotation_records_skipped_as_malformed": load_report.num_skipped,
         "predictions_file": str(result["predictions"]), "samples": gen["samples"], "answered": gen["answered"],
-        "samples_skipped (missing video / too long)": gen["skipped"],
+        "samples_skipped": gen["skipped"], "samples_skipped_by_reason": gen["skipped_by_reason"],
         "decoding": f"{gen['decoding']}, max_new_tokens {gen['max_new_tokens']}, frames uniform",
         "timings": gen["timings"], "retrieval timing": gen["retrieval_timing"],
         "compiled shapes": gen["compiled_shapes"], "compile seconds (excluded from timings)": round(gen["compile_s"], 2),
     }
     if result["skipped"]:
         results["input"]["skipped examples"] = [s["error"] for s in result["skipped"][:5]]
+        why = ", ".join(f"{r} {n}" for r, n in gen["skipped_by_reason"].items())
+        print(f"{gen['samples']} samples: {gen['answered']} answered, {gen['skipped']} skipped ({why})")
     publish(results, out, timings=timings, charts=not args.no_charts, predictions=result["predictions"])
     return 0

@@ -18,6 +18,7 @@ import jax
 from flax import nnx
 
 from ivcr_jax import checkpoints, distributed, sharding
+from ivcr_jax.cli import UsageError, output_dir
 from ivcr_jax.experiment import Experiment
 from ivcr_jax.models.params import count, trainable_filter
 from ivcr_jax.train import data as data_lib
@@ -67,10 +68,9 @@ class _Preemption:
 def train(exp: Experiment, workdir: str | Path, *, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train the experiment in ``workdir``; returns a summary (losses per step, final step)."""
     if "://" in str(workdir):
-        raise ValueError(f"workdir {workdir}: give a filesystem path every process can reach (a shared "
+        raise UsageError(f"workdir {workdir}: give a filesystem path every process can reach (a shared "
                          f"or network mount; mount gs:// buckets with gcsfuse), not a URL")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = output_dir(workdir, "workdir")
     tc = exp.train
 
     # --- mesh and devices ---
