@@ -228,6 +228,22 @@ def test_the_eval_cli_names_a_non_utf8_annotation_file_and_exits_2(tmp_path, cap
 
 # ------------------------------------------------------------------ runs that cannot do anything
 
+@pytest.mark.parametrize("lines,words", [
+    ("", "it holds no prediction"),
+    ('{"text_id": "nope", "answer": "video 1"}\n', "none of its 1 predictions is a train turn of"),
+])
+def test_scoring_a_predictions_file_that_matches_nothing_is_one_line(lines, words, tmp_path, capsys):
+    ann = tmp_path / "ivcr.json"
+    ann.write_text(json.dumps(corpus_records()))
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(lines)
+    assert eval_main(["--annotations", str(ann), "--split", "train", "--predictions", str(preds),
+                      "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and err.startswith(f"error: --predictions {preds}: nothing to score: ")
+    assert words in err and not (tmp_path / "o" / "metrics.json").exists()
+
+
 def test_an_eval_that_answers_nothing_exits_1_with_the_reason(tmp_path, tokenizer, capsys):
     from ivcr_jax.data.demo import build_demo_corpus
 

@@ -127,6 +127,11 @@ def score_file(args) -> int:
                                        per_turn_predictions=per_turn)
     except OfficialScorerError as e:
         raise UsageError(f"--reference-bugs: {e}") from None
+    if not results["predictions"]["matched"]:   # scoring would print a table of zeros
+        why = ("it holds no prediction" if not stats["lines"] else
+               f"none of its {stats['lines']} predictions is a {args.split} turn of {args.annotations} "
+               f"(by {args.match}; e.g. {results['predictions']['unmatched_examples'][:2]})")
+        raise UsageError(f"--predictions {args.predictions}: nothing to score: {why}")
     results["input"] = {
         "annotations": str(args.annotations),
         "split": args.split,
