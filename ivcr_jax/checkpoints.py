@@ -158,7 +158,8 @@ def _drop_closed_loop_callbacks() -> None:
     """After a save fails mid-write, TensorStore's pending writes call back into Orbax's event
     loop, already closed, and each prints a "RuntimeError: Event loop is closed" traceback through
     ``sys.excepthook`` (hundreds on a full disk). The failure itself is reported as one
-    :class:`CheckpointError` line; those echoes are dropped (any other exception is printed as before)."""
+    :class:`CheckpointError` line; those echoes are dropped, from ``sys.unraisablehook`` too (any
+    other exception is printed as before)."""
     if _HOOKED["excepthook"] is not None:
         return
     previous = _HOOKED["excepthook"] = sys.excepthook
@@ -168,6 +169,13 @@ def _drop_closed_loop_callbacks() -> None:
             return
         previous(kind, value, tb)
     sys.excepthook = hook
+    previous_unraisable = sys.unraisablehook   # the same echo, when raised inside a callback
+
+    def unraisable(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        previous_unraisable(u)
+    sys.unraisablehook = unraisable
 
 
 @contextlib.contextmanager
