@@ -41,6 +41,7 @@ def get_config(arg: str = ""):
     c.model.video_qformer.update(window=4, stride=4)
     c.data.max_retrieval_videos = 10
     c.data.max_moment_videos = 1
+    c.data.frame_pool = (16, 28, 40, 56)   # frames per row: a moment video 16, a candidate list 40, both 56
     c.data.max_turns = 3
     c.data.max_len = 1024
     c.data.text_buckets = (512, 1024)   # every demo sample fits 512: one compiled shape

@@ -70,6 +70,13 @@ def data_config(tiny: bool = False, head64: bool = False) -> mlc.ConfigDict:
     d.exclude_types = ((0,),)
     d.max_retrieval_videos = 20      # per-sample cap of retrieval-candidate videos (padded, masked)
     d.max_moment_videos = 2
+    # Frame packing (docs/architecture.md): the ViT sees a pool of the batch's real frames, not its
+    # 20 x 12 + 2 x 96 = 432 slots per sample; a batch takes the smallest of these pool sizes (frames
+    # per batch row) that holds them, so at most this many video shapes compile. Spaced for the
+    # IVCR mix (96 / 120 / 216 / 240 / 336 real frames per sample, ~152 on average): >= 90 % of the
+    # pool is real frames with >= 4 rows per data shard (python -m ivcr_jax.train.plan --frames ...).
+    d.frame_pool = ((64, 384, 448, 512, 576, 640, 704, 768, 832, 896, 1024, 1280, 1408) if head64 else
+                    (96, 120, 136, 144, 152, 160, 168, 176, 184, 192, 200, 216, 240, 288, 336, 432))
     d.workers = 0
     d.cache_videos = 0               # videos kept decoded in memory (for corpora that fit); 0 = none
     d.frame_message = True           # moment turns: "... </VIDEO>. The video contains N frames sampled at ... seconds"
@@ -123,6 +130,10 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
         # "supervised": the LM head (and its logits) only at positions whose next token is a label;
         # the same loss as "all", without the [B, S, vocab] logits of the whole prompt.
         lm_head="supervised",
+        # The LM loss (and the faithful argmax) over vocabulary blocks of this many columns, from
+        # the hidden states: no [B, K, 32005] fp32 logits in the step, about two [B*K, chunk] fp32
+        # blocks instead (1/8 of the logits at 2048); 0 = the full-logits loss.
+        lm_loss_chunk=2048,
     ))
     # Generation for evaluation and the chat: greedy by default (the reference sampled with
     # top-p 0.8, temperature 1); video_slots "bucketed" pads a prompt's videos to 1, 2 or 10k slots.

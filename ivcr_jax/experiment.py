@@ -147,13 +147,17 @@ class TrainConfig:
     # the aux terms count from this batch index on (0 = from the start; the reference: batches per
     # epoch, i.e. epoch >= 1); before it L_V = L_C = 0 and the loss is L_LM
     aux_start_step: int = 0
+    # vocabulary block of the LM loss (train/losses.py chunked_lm_loss): the CE, the faithful argmax
+    # and the differentiable terms from the hidden states, never the [B, K, V] logits | 0: full logits
+    lm_loss_chunk: int = 0
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "steps", "ckpt_every", "keep_checkpoints", "log_every",
                      "eval_samples"):
             _int("train", name, getattr(self, name), minimum=1)
         for name, allowed in (("eval_every", "an integer >= 0 (0 = no held-out evaluation)"),
-                              ("aux_start_step", "an integer >= 0 (0 = from the start)")):
+                              ("aux_start_step", "an integer >= 0 (0 = from the start)"),
+                              ("lm_loss_chunk", "an integer >= 0 (a vocabulary block; 0 = full logits)")):
             _int("train", name, getattr(self, name), minimum=0, allowed=allowed)
         _int("train", "warmup_steps", self.warmup_steps, minimum=0)
         if self.warmup_steps > self.steps:
@@ -235,9 +239,19 @@ class DataConfig:
     prepared: str = ""           # a dataset written by ``python -m ivcr_jax.data.prepare``
     frame_message: bool = True   # moment turns carry "The video contains N frames sampled at ... seconds"
     double_dot: bool = False     # True: "seconds..{question}"; the reference HEAD renders "seconds.{question}"
+    # The ViT's frame pool (data/batch.py, docs/architecture.md "Frame packing"): its capacities in
+    # frames per batch row, increasing; a batch's pool is the smallest that holds its real frames;
+    # () = no packing (every frame slot, padding included, goes through the ViT).
+    frame_pool: tuple = ()
 
     def __post_init__(self):
         _choice("data", "lang", self.lang, ("en", "zh"))
+        fp = self.frame_pool
+        if (not isinstance(fp, (tuple, list))
+                or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0 for x in fp)
+                or list(fp) != sorted(set(fp))):
+            raise UsageError(f"config.data.frame_pool must be an increasing tuple of positive frame counts per "
+                             f"batch row, e.g. (96, 120, 144), or () for no packing, got {fp!r}")
         for name in ("frame_message", "double_dot"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"config.data.{name} must be true or false, got {getattr(self, name)!r}")
@@ -479,7 +493,18 @@ class Experiment:
         sample = dataclasses.replace(pc.sample, window=int(frames_per_window),
                                      tokens_per_window=int(vq.num_query_tokens),
                                      video_root=video_root or pc.sample.video_root)
-        return dataclasses.replace(pc, sample=sample)
+        return dataclasses.replace(pc, sample=sample, pack_groups=self._local_batch_shards())
+
+    def _local_batch_shards(self) -> int:
+        """This process's data-parallel shards of the configured mesh (``data x fsdp`` over the
+        processes): the frame pools of its batch, one per shard (``data/batch.py``). 1 when the
+        mesh does not fit the devices (:meth:`mesh` then says why)."""
+        try:
+            sizes = self.mesh_sizes()
+        except UsageError:
+            return 1
+        shards, procs = sizes["data"] * sizes["fsdp"], jax.process_count()
+        return shards // procs if shards % procs == 0 else 1
 
     # ------------------------------------------------------------------ devices and model
     def _devices(self, devices=None) -> list:

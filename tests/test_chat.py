@@ -12,6 +12,7 @@ import pytest
 from test_generate import random_model, tiny_experiment, tiny_flags
 
 from ivcr_jax import chat
+from ivcr_jax.data.batch import slot_view
 from ivcr_jax.data.frames import load_frames
 from ivcr_jax.data.prompts import PromptLoader, clean_answer
 from ivcr_jax.models.generate import Generation
@@ -202,7 +203,7 @@ def test_a_chosen_video_is_carried_from_retrieval_to_moment_to_follow_up(setup, 
     assert _moment_videos(gen.prompts[1]) == [third]
     want = load_frames(third, 8, size=setup["config"].pipeline(1).frame_size).pixels
     other = load_frames(corpus.path(cands[0]), 8, size=setup["config"].pipeline(1).frame_size).pixels
-    got = gen.batches[1]["videos"]["f8"]["frames"][0, 0]
+    got = slot_view(gen.batches[1])["f8"]["frames"][0, 0]
     assert np.array_equal(got, want) and not np.array_equal(got, other)
     assert t2["current_video"] == t1["current_video"]
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ivcr_jax.data import frames as frames_lib
+from ivcr_jax.data.batch import slot_view
 from ivcr_jax.data.pipeline import PipelineConfig, make_pipeline
 from ivcr_jax.data.samples import SampleConfig, enumerate_samples
 from ivcr_jax.data.schema import load_dialogues
@@ -94,10 +95,15 @@ def test_eval_batches_follow_the_contract(setup, tokenizer):
         assert S in cfg.buckets and b["input_ids"].dtype == np.int32
         for k in ("attention_mask", "labels", "video_token_index"):
             assert b[k].shape == (2, S) and b[k].dtype == np.int32
-        assert b["videos"]["f4"]["frames"].shape == (2, 10, 4, 32, 32, 3) and b["videos"]["f4"]["frames"].dtype == np.uint8
-        assert b["videos"]["f8"]["frames"].shape == (2, 1, 8, 32, 32, 3)
-        assert b["videos"]["f8"]["timestamp_ids"].shape == (2, 1, 8, 16)
-        assert b["videos"]["f8"]["timestamp_mask"].dtype == np.int32 and b["videos"]["f8"]["frame_mask"].dtype == bool
+        # no frame_pool: one pool holding every slot of both rows (2 x (10 x 4 + 8))
+        assert b["pool"]["frames"].shape == (1, 96, 32, 32, 3) and b["pool"]["frames"].dtype == np.uint8
+        assert b["pool"]["timestamp_ids"].shape == (1, 96, 16) and b["pool"]["timestamp_mask"].dtype == np.int32
+        assert b["videos"]["f4"]["pool_index"].shape == (2, 10, 4) and b["videos"]["f8"]["pool_index"].dtype == np.int32
+        sv = slot_view(b)
+        assert sv["f4"]["frames"].shape == (2, 10, 4, 32, 32, 3) and sv["f4"]["frames"].dtype == np.uint8
+        assert sv["f8"]["frames"].shape == (2, 1, 8, 32, 32, 3)
+        assert sv["f8"]["timestamp_ids"].shape == (2, 1, 8, 16)
+        assert sv["f8"]["timestamp_mask"].dtype == np.int32 and b["videos"]["f8"]["frame_mask"].dtype == bool
         assert b["gt_span"].shape == (2, 2) and b["weight"].dtype == np.float32
         lengths = b["attention_mask"].sum(1)
         # the smallest bucket holding the longest sample
@@ -125,13 +131,14 @@ def test_eval_batches_follow_the_contract(setup, tokenizer):
     b, i = by_id[1]
     assert (b["kind"][i], b["target_index"][i]) == (2, -1) and b["gt_span"][i].tolist() == [1.0, 2.5]
     ref = frames_lib.load_frames(f"{root}/{P}", 8, mode="uniform", size=32)
-    assert np.array_equal(b["videos"]["f8"]["frames"][i, 0], ref.pixels)
+    sv = slot_view(b)
+    assert np.array_equal(sv["f8"]["frames"][i, 0], ref.pixels)
     assert b["duration"][i] == np.float32(ref.duration) and b["videos"]["f8"]["frame_mask"][i, 0].all()
     cand2 = frames_lib.load_frames(f"{root}/{P}", 4, mode="uniform", size=32)
-    assert np.array_equal(b["videos"]["f4"]["frames"][i, 1], cand2.pixels)
-    assert not np.array_equal(b["videos"]["f4"]["frames"][i, 0], cand2.pixels)
+    assert np.array_equal(sv["f4"]["frames"][i, 1], cand2.pixels)
+    assert not np.array_equal(sv["f4"]["frames"][i, 0], cand2.pixels)
     # timestamp texts: BOS + "This frame is sampled at t second.", padded with eos (2)
-    ts_ids, ts_mask = b["videos"]["f8"]["timestamp_ids"][i, 0], b["videos"]["f8"]["timestamp_mask"][i, 0]
+    ts_ids, ts_mask = sv["f8"]["timestamp_ids"][i, 0], sv["f8"]["timestamp_mask"][i, 0]
     for t in range(8):
         m = ts_mask[t].astype(bool)
         assert ts_ids[t, 0] == 1 and (ts_ids[t, ~m] == 2).all() and m[: m.sum()].all()
@@ -161,7 +168,7 @@ def test_same_seed_same_batches_new_frames_each_epoch(setup, tokenizer):
     for x in a:
         for i, sid in enumerate(x["sample_id"].tolist()):
             if x["kind"][i] == 2:
-                moment_ts.setdefault(sid, []).append(x["videos"]["f8"]["timestamp_ids"][i, 0])
+                moment_ts.setdefault(sid, []).append(slot_view(x)["f8"]["timestamp_ids"][i, 0])
     assert moment_ts and all(not np.array_equal(e0, e1) for e0, e1 in moment_ts.values())
 
 
@@ -208,11 +215,12 @@ def test_process_shards_are_disjoint(setup, tokenizer):
 
 
 def test_process_batches_stack_into_the_single_process_batch(setup, tokenizer):
-    """Process p's local batch is rows [p·b, (p+1)·b) of what one process reading 2·b rows gets."""
+    """Process p's local batch is rows [p·b, (p+1)·b) of what one process reading 2·b rows gets (its
+    frame pool p too, when the one process pools per shard as well: pack_groups=2)."""
     from ivcr_jax.data.pipeline import pad_text
 
     cfg, refs, _, _ = setup
-    whole, _ = run(dataclasses.replace(cfg, batch_size=2), refs, tokenizer, n=3, train=True, seed=0)
+    whole, _ = run(dataclasses.replace(cfg, batch_size=2, pack_groups=2), refs, tokenizer, n=3, train=True, seed=0)
     half = dataclasses.replace(cfg, batch_size=1)
     parts = [run(half, refs, tokenizer, n=3, train=True, seed=0, process_index=pi, process_count=2)[0]
              for pi in range(2)]

@@ -93,8 +93,8 @@ def _background_probe(exp: Experiment, workdir: Path, split: str):
         start = 1 + max(p for p in sup if p < end and ids[p] == a_at)
         hits.append(words[int(np.argmax(logits[start - 1][words]))] == ids[start])
         if prev is not None:
-            moved.append(float(np.abs(np.asarray(fwd(dict(b, videos=prev)))[0][sup] - logits[sup]).max()))
-        prev = b["videos"]
+            moved.append(float(np.abs(np.asarray(fwd(dict(b, **prev)))[0][sup] - logits[sup]).max()))
+        prev = {"videos": b["videos"], "pool": b["pool"]}   # the slots and the frame pool they index
     return float(np.mean(hits)), len(hits), float(np.mean(moved))
 
 

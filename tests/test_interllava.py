@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from ivcr_jax.cli import load_config
+from ivcr_jax.data.batch import BatchLayout, pack_videos
 from ivcr_jax.models import build
 from ivcr_jax.tokenizer import SPECIAL_TOKENS, VIDEO_TOKEN
 
@@ -32,6 +33,14 @@ def _group(b, v, t, size, L, seed):
             "frame_mask": np.ones((b, v, t), bool), "video_mask": np.ones((b, v), bool)}
 
 
+def _packed(dense):
+    """Per-slot videos (the unpacked layout) → the batch's ``(videos, pool)`` (data/batch.py)."""
+    g0 = next(iter(dense.values()))
+    layout = BatchLayout({g: a["frame_mask"].shape[1:] for g, a in dense.items()}, g0["frames"].shape[-2],
+                         g0["timestamp_ids"].shape[-1], pool_sizes=(8,))
+    return pack_videos(layout, dense)
+
+
 def test_video_tokens_are_spliced_at_the_placeholder_positions(model, tokenizer):
     cfg, m = model
     q = cfg.model.video_qformer.num_query_tokens
@@ -55,10 +64,11 @@ def test_video_tokens_are_spliced_at_the_placeholder_positions(model, tokenizer)
         else:
             ids.append(t)
             idx.append(-1)
+    videos, pool = _packed(videos)
     batch = {"input_ids": np.array([ids], np.int32), "attention_mask": np.ones((1, len(ids)), np.int32),
-             "video_token_index": np.array([idx], np.int32), "videos": videos}
+             "video_token_index": np.array([idx], np.int32), "videos": videos, "pool": pool}
     emb = np.asarray(jax.jit(lambda m, b: m.input_embeddings(b))(m, batch))[0]
-    vt = np.asarray(jax.jit(lambda m, v: m.video_tokens(v))(m, videos))[0]
+    vt = np.asarray(jax.jit(lambda m, v, p: m.video_tokens(v, p))(m, videos, pool))[0]
     assert vt.shape[0] == n12 + n40                       # 12 frames -> q tokens, 40 -> 2q
     txt = np.asarray(m.llama.embed(jnp.asarray(batch["input_ids"])))[0]
     idx = np.array(idx)
@@ -95,7 +105,7 @@ def test_fan_in_random_init_makes_the_video_tokens_depend_on_the_frames():
         lora = [np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param)) if "lora_a" in str(p)]
         a, b = (_group(1, 1, 16, 56, 12, s) for s in (1, 2))
         b["timestamp_ids"] = a["timestamp_ids"]  # the same frame times, other pixels
-        va, vb = m.encode_videos(a), m.encode_videos(b)
+        va, vb = (m.video_tokens(*_packed({"f16": x})) for x in (a, b))
         rel[init] = float(jnp.abs(va - vb).mean() / jnp.abs(va).mean())
         if init == "fan_in":
             kern = np.asarray(m.llama_proj.kernel[...])

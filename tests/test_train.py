@@ -11,6 +11,7 @@ from flax import nnx
 
 from ivcr_jax.checkpoints import Checkpointer
 from ivcr_jax.cli import load_config
+from ivcr_jax.data.batch import take_rows
 from ivcr_jax.experiment import Experiment
 from ivcr_jax.models import build
 from ivcr_jax.models.params import trainable_filter
@@ -176,8 +177,7 @@ def test_candidate_scoring_is_exact_for_two_token_indices(aux_setup):
     pos = int(batch["cand_pos"][i])
     ids = np.array(batch["input_ids"][i])
     seq = np.concatenate([ids[:pos], [batch["cand_first"][i, 9]], batch["cand_cont"][i, 9, :2]])
-    one = {k: (v[i:i + 1] if isinstance(v, np.ndarray) else v) for k, v in batch.items() if k != "videos"}
-    one["videos"] = {gname: {k: v[i:i + 1] for k, v in grp.items()} for gname, grp in batch["videos"].items()}
+    one = take_rows(batch, [i])   # row i alone, its frames pooled again (data/batch.py)
     one["input_ids"] = seq[None].astype(np.int32)
     one["attention_mask"] = np.ones_like(one["input_ids"])
     one["video_token_index"] = one["video_token_index"][:, :len(seq)]

@@ -23,7 +23,12 @@ longest sample (the choice made here: pad each batch to its own bucket, which ke
 — and so determinism and resumption — independent of lengths; a batch compiles one of
 ``len(buckets)`` shapes). Videos are grouped by frame count (``"f12"``, ``"f96"``; one ``"f64"`` group
 in the HEAD setting); each group is padded to a fixed number of videos per sample (the config's caps,
-else the largest count any sample of the run needs) with ``video_mask``.
+else the largest count any sample of the run needs) with ``video_mask``. Frames are not padded
+per slot: each sample carries only its real frames (a frame record, ``SampleLoader.pack``), and the
+:class:`Batcher` packs a batch's into the ViT's frame pool, one pool per block of rows (per
+data-parallel shard), its size the smallest of ``frame_pool`` (frames per row) that holds them
+(``data/batch.py``; training batches reorder their rows when that needs smaller pools; several
+processes agree the size with one small all-gather per batch).
 
 The batch's arrays, shapes, dtypes and padding values are those of ``ivcr_jax.data.batch``
 (:class:`~ivcr_jax.data.batch.BatchLayout`).
@@ -50,7 +55,7 @@ distinct samples: a sample skipped in every epoch counts once (the draws are cou
 Config (:class:`PipelineConfig`; :meth:`PipelineConfig.from_config` reads an ml_collections
 ``config.data`` node with keys ``retrieval_frames, moment_frames, frame_size, timestamp_len,
 max_turns, max_sample_turns, max_len, text_buckets, max_retrieval_videos, max_moment_videos,
-workers, video_root, prepared`` — missing keys keep the defaults).
+workers, video_root, prepared, frame_pool`` — missing keys keep the defaults).
 """
 from __future__ import annotations
 
@@ -122,8 +127,17 @@ class PipelineConfig:
     decode_threads: int = 1  # decord threads per video
     cache_videos: int = 0  # videos kept decoded (every frame, at frame_size) in memory; 0 = none
     prepared: str | None = None  # a dataset written by ivcr_jax.data.prepare (else raw videos)
+    # The ViT's frame pool (data/batch.py): capacities in frames per batch row, () = every slot;
+    # pack_groups pools per (this process's) batch, one per data-parallel shard (Experiment.pipeline).
+    frame_pool: tuple[int, ...] = ()
+    pack_groups: int = 1
 
     def __post_init__(self):
+        pool = tuple(self.frame_pool or ())
+        if any(int(c) <= 0 for c in pool) or list(pool) != sorted(set(pool)):
+            raise ValueError(f"frame_pool must be increasing positive frame counts, got {self.frame_pool}")
+        if self.pack_groups <= 0:
+            raise ValueError(f"pack_groups must be positive, got {self.pack_groups}")
         if not self.buckets or list(self.buckets) != sorted(self.buckets):
             raise ValueError(f"buckets must be a non-empty increasing tuple, got {self.buckets}")
         if self.sample.max_len > self.buckets[-1]:
@@ -164,6 +178,7 @@ class PipelineConfig:
             num_workers=int(get("workers", cls.num_workers)),
             cache_videos=int(get("cache_videos", cls.cache_videos)),
             prepared=get("prepared", None) or None,
+            frame_pool=tuple(int(c) for c in (get("frame_pool", ()) or ())),
         )
         kw.update(overrides)
         return cls(**kw)
@@ -289,7 +304,8 @@ def group_frames(cfg: SampleConfig) -> dict[str, int]:
 def batch_layout(cfg: PipelineConfig, capacity: Mapping[str, int]) -> BatchLayout:
     """The batch layout of ``cfg`` with ``capacity`` videos per sample in each group."""
     frames = group_frames(cfg.sample)
-    return BatchLayout({g: (int(capacity[g]), frames[g]) for g in frames}, cfg.frame_size, cfg.timestamp_len)
+    return BatchLayout({g: (int(capacity[g]), frames[g]) for g in frames}, cfg.frame_size, cfg.timestamp_len,
+                       tuple(cfg.frame_pool), int(cfg.pack_groups))
 
 
 def group_capacity(cfg: SampleConfig, samples: Sequence[SampleRef]) -> dict[str, int]:
@@ -365,29 +381,41 @@ class SampleLoader:
         return self.pack(s, decoded)
 
     def pack(self, s: Sample, decoded) -> dict:
+        """The sample's arrays: its video masks, and its real frames only, as a frame record
+        (``BatchLayout.frame_record``: each frame with its slot among the row's K), which the
+        :class:`Batcher` packs into the batch's frame pool."""
         size = self.cfg.frame_size
         groups = self.layout.empty_videos()
+        offsets = self.layout.slot_offsets()
         duration = -1.0
+        shown = []
         for v, slot in zip(s.videos, s.video_slots()):
             f = decoded[(v.path, v.num_frames)]
             gr, n = groups[v.group], min(len(f.pixels), v.num_frames)
             if f.pixels.shape[1:] != (size, size, 3):
                 raise ValueError(f"{v.path}: frames of shape {f.pixels.shape[1:]}, expected {(size, size, 3)}")
-            gr["frames"][slot, :n] = f.pixels[:n]
             gr["frame_mask"][slot, :n] = True
             gr["video_mask"][slot] = True
-            for i, t in enumerate(f.timestamps[:n]):
-                ids = self.timestamp_tokens(float(t))
-                gr["timestamp_ids"][slot, i, : len(ids)] = ids
-                gr["timestamp_mask"][slot, i, : len(ids)] = 1
+            shown.append((offsets[v.group] + slot * self.layout.groups[v.group][1], f, n))
             if v.role == "moment" and v.turn == s.turn_idx:
                 duration = float(f.duration)
+        rec = self.layout.frame_record(sum(n for _, _, n in shown))
+        i = 0
+        for first, f, n in shown:
+            rec["slot"][i:i + n] = first + np.arange(n)
+            rec["frames"][i:i + n] = f.pixels[:n]
+            for j, t in enumerate(f.timestamps[:n]):
+                ids = self.timestamp_tokens(float(t))
+                rec["timestamp_ids"][i + j, : len(ids)] = ids
+                rec["timestamp_mask"][i + j, : len(ids)] = 1
+            i += n
         span = s.gt_span if s.gt_span is not None else (-1.0, -1.0)
         return {
             "input_ids": s.input_ids,
             "labels": s.labels,
             "video_token_index": s.video_token_index({g: v for g, (v, _) in self.layout.groups.items()}),
             "videos": groups,
+            "frames": rec,
             "kind": np.int32(kind_code(s.kind)),
             "target_index": np.int32(s.target_index - 1 if s.target_index is not None else -1),
             "gt_span": np.asarray(span, np.float32),
@@ -446,15 +474,29 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int:
 
 
 class Batcher:
-    """Stacks samples into the layout, text padded to a bucket, the batch to ``batch_size`` rows (weight 0)."""
+    """Stacks samples into the layout, text padded to a bucket, the batch to ``batch_size`` rows (weight 0),
+    the rows' real frames packed into the batch's frame pool (``BatchLayout.pack``).
 
-    def __init__(self, layout: BatchLayout, buckets: Sequence[int], batch_size: int):
+    ``balance`` (training): reorder the rows when another order needs smaller pools (the pools serve
+    consecutive blocks of rows, one per data-parallel shard; the loss does not depend on the order).
+    ``agree(F) -> F'``: several processes agree the frames per pool (each builds its own rows).
+    """
+
+    def __init__(self, layout: BatchLayout, buckets: Sequence[int], batch_size: int, *, balance: bool = False,
+                 agree=None):
         self.layout, self.buckets, self.batch_size = layout, tuple(buckets), int(batch_size)
+        self.balance, self.agree = bool(balance), agree
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
+        rows = list(rows)
+        if self.balance:
+            order = self.layout.balanced_order([len(r["frames"]["slot"]) if "frames" in r else 0 for r in rows],
+                                               self.batch_size)
+            if order is not None:
+                rows = [rows[i] if i < len(rows) else {"pad_row": True} for i in order]
         real = [r for r in rows if "input_ids" in r]
         S = bucket_for(max([len(r["input_ids"]) for r in real], default=1), self.buckets)
-        out = self.layout.empty(self.batch_size, S)
+        out = self.layout.empty(self.batch_size, S, frames=[r.get("frames") for r in rows], agree=self.agree)
         for i, r in enumerate(rows):
             if "input_ids" not in r:  # a skipped sample (evaluation) or a padding row
                 if r.get("skip"):
@@ -471,6 +513,14 @@ class Batcher:
             for k in ROW:
                 out[k][i] = r[k]
         return out
+
+
+def _agree_largest(n: int) -> int:
+    """The largest ``n`` of every process (one small all-gather; each process calls it per batch)."""
+    # Lazy: distributed.py imports jax, which only a pipeline of several processes needs here.
+    from ivcr_jax import distributed
+
+    return int(np.max(distributed.allgather(np.int64(n))))
 
 
 class Pipeline:
@@ -564,7 +614,8 @@ def make_pipeline(
 
     it = it.filter(keep)
     it = it.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder if train else False,
-                  batch_fn=Batcher(layout, cfg.buckets, cfg.batch_size))
+                  batch_fn=Batcher(layout, cfg.buckets, cfg.batch_size, balance=train,
+                                   agree=_agree_largest if process_count > 1 else None))
     return Pipeline(it, stats, capacity, num_local, cfg, train)
 
 

@@ -204,7 +204,8 @@ def _put_global(x, sh: NamedSharding) -> jax.Array:
 
 def _global_batch(tree, mesh) -> Any:
     """Host arrays (the same full batch on every process) as global arrays on ``mesh``: the leading
-    (batch) axis over ``data`` × ``fsdp`` where it divides, replicated otherwise."""
+    (batch) axis over ``data`` × ``fsdp`` where it divides, replicated otherwise (the frame pool's
+    leading axis is its pools, one per block of rows: sharded alike when it divides)."""
     batch_sh = sharding.batch_sharding(mesh)
     rows = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
     replicated = NamedSharding(mesh, P())
@@ -298,8 +299,9 @@ class Generator:
                "attention_mask": fit(mask, 0),
                "video_token_index": fit(batch.get("video_token_index", np.full(mask.shape, -1)), -1)}
         videos = batch.get("videos") or {}
-        if videos:
+        if videos:   # the video slots and the frame pool they index (data/batch.py)
             out["videos"] = {g: {k: np.asarray(v) for k, v in grp.items()} for g, grp in videos.items()}
+            out["pool"] = {k: np.asarray(v) for k, v in batch["pool"].items()}
         return out
 
     def _agree_length(self, batch: Mapping[str, Any], n: int) -> int:
@@ -307,7 +309,8 @@ class Generator:
         it). The batches must be the same on every process — their digests are gathered with it."""
         text = {k: np.asarray(batch[k])[:, :n] for k in ("input_ids", "attention_mask", "video_token_index")
                 if k in batch}
-        shapes, content = _batch_digest({"text": text, "videos": batch.get("videos") or {}})
+        shapes, content = _batch_digest({"text": text, "videos": batch.get("videos") or {},
+                                         "pool": batch.get("pool") or {}})
         rows = distributed.allgather(np.array([n, shapes, content], np.uint32))
         differ = [i for i in range(len(rows)) if tuple(rows[i, 1:]) != tuple(rows[0, 1:])]
         if differ:

@@ -28,7 +28,7 @@ from flax import nnx
 
 from ivcr_jax import sharding
 from ivcr_jax.models import layers
-from ivcr_jax.models.lora import LoRAConfig, LoRADense
+from ivcr_jax.models.lora import LoRAConfig, LoRADense, apply_shared_input
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -143,11 +143,17 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float, scaling: floa
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on ``x`` ``[B, S, H, Dh]`` (computed in fp32, returned in x's dtype)."""
+    """Rotate-half RoPE on ``x`` ``[B, S, H, Dh]`` (computed in fp32, returned in x's dtype).
+
+    HF's ``x * cos + rotate_half(x) * sin`` written per half (the two halves of ``cos``/``sin`` are
+    equal in the HF layout): the same products and sums, without materialising ``rotate_half(x)``,
+    whose negated concatenation costs an extra pass forward and a pad-and-add backward on CPU.
+    """
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
-    rot = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    c, s = cos[:, :, None, :half], sin[:, :, None, :half]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -184,9 +190,10 @@ class LlamaAttention(nnx.Module):
         whole cache; the updated pair is returned."""
         B, S, _ = x.shape
         rq, rk, rv, ro = layers.split_rng(rng, 4)
-        q = _apply(self.q_proj, x, rq).reshape(B, S, self.heads, self.head_dim)
-        k = _apply(self.k_proj, x, rk).reshape(B, S, self.kv_heads, self.head_dim)
-        v = _apply(self.v_proj, x, rv).reshape(B, S, self.kv_heads, self.head_dim)
+        q, k, v = apply_shared_input((self.q_proj, self.k_proj, self.v_proj), x, (rq, rk, rv))
+        q = q.reshape(B, S, self.heads, self.head_dim)
+        k = k.reshape(B, S, self.kv_heads, self.head_dim)
+        v = v.reshape(B, S, self.kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k_all, v_all = cache
@@ -209,8 +216,8 @@ class LlamaMLP(nnx.Module):
 
     def __call__(self, x, rng=None):
         rg, ru, rd = layers.split_rng(rng, 3)
-        h = jax.nn.silu(_apply(self.gate_proj, x, rg)) * _apply(self.up_proj, x, ru)
-        return _apply(self.down_proj, h, rd)
+        gate, up = apply_shared_input((self.gate_proj, self.up_proj), x, (rg, ru))
+        return _apply(self.down_proj, jax.nn.silu(gate) * up, rd)
 
 
 class LlamaBlock(nnx.Module):
@@ -280,7 +287,8 @@ class Llama(nnx.Module):
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                  cache: KVCache | None = None, rng: jax.Array | None = None,
-                 return_hidden: bool = False, logits_at: jax.Array | None = None):
+                 return_hidden: bool = False, logits_at: jax.Array | None = None,
+                 compute_logits: bool = True):
         """Run the decoder.
 
         Args:
@@ -300,6 +308,10 @@ class Llama(nnx.Module):
             Training uses the positions whose next token is supervised: the answers are a small
             part of a prompt full of video tokens, and the vocabulary projection is most of the
             step's work at small widths and most of its activation memory at 7B.
+
+          compute_logits: False skips the ``lm_head``: ``logits`` is None and ``hidden`` the final
+            hidden states ``[B, S, D]`` (for a loss that applies :meth:`lm_head_weight` blockwise,
+            ``train/losses.py`` ``chunked_lm_loss``).
 
         Returns:
           :class:`LlamaOutput` ``(logits [B, S, V] fp32, hidden or None, updated cache or None)``;
@@ -355,16 +367,22 @@ class Llama(nnx.Module):
                               index=cache.index, rng=rngs[l])
 
         h = self.norm(x)
-        if self.lm_head is None:
-            w = self.embed_tokens.embedding[...].astype(self.dtype).T
-        else:
-            w = self.lm_head.kernel[...].astype(self.dtype)
+        new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], valid=valid,
+                                                       index=cache.index + S)
+        if not compute_logits:
+            return LlamaOutput(None, h, new_cache)
+        w = self.lm_head_weight()
         h_out = h if logits_at is None else jnp.take_along_axis(h, jnp.maximum(logits_at, 0)[..., None], axis=1)
         logits = jnp.dot(h_out, w, preferred_element_type=jnp.float32)
         logits = sharding.constrain(logits, ("batch", "length", "vocab"))
-        new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], valid=valid,
-                                                       index=cache.index + S)
         return LlamaOutput(logits, h if return_hidden else None, new_cache)
+
+    def lm_head_weight(self) -> jax.Array:
+        """The ``lm_head`` kernel ``[D, V]`` in the compute dtype (the embedding's transpose when
+        ``tie_embeddings``): ``logits = hidden @ lm_head_weight()``, fp32-accumulated."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].astype(self.dtype).T
+        return self.lm_head.kernel[...].astype(self.dtype)
 
 
 def _run_block(block: LlamaBlock, x, cos, sin, mask, rng, *, is_causal: bool, remat: str):

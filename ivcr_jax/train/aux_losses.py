@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ivcr_jax.data.batch import MAX_DIGITS, NUM_CANDIDATES, empty_aux
+from ivcr_jax.train import losses
 
 
 def _digit_map(tok) -> dict[int, int]:
@@ -119,6 +120,19 @@ def tree_inputs(batch: Mapping[str, Any]):
 
 def forward_with_candidates(model, batch: Mapping[str, Any], rng=None):
     """One LLaMA pass over the sequence plus every candidate continuation → (main, ext) logits."""
+    out, S = _candidates_pass(model, batch, rng, compute_logits=True)
+    return out.logits[:, :S], out.logits[:, S:]
+
+
+def forward_hidden_with_candidates(model, batch: Mapping[str, Any], rng=None):
+    """The same pass without the LM head (``train.lm_loss_chunk > 0``) → ``(hidden_main [B, S, D],
+    hidden_ext [B, K*C, D], lm_head kernel [D, V])``: the losses take logits at the few positions
+    they read (:func:`differentiable_aux_hidden`), the LM loss blockwise."""
+    out, S = _candidates_pass(model, batch, rng, compute_logits=False)
+    return out.hidden[:, :S], out.hidden[:, S:], model.llama.lm_head_weight()
+
+
+def _candidates_pass(model, batch, rng, *, compute_logits: bool):
     emb = model.input_embeddings(batch, None if rng is None else jax.random.fold_in(rng, 0))
     ids, ext_pos = tree_inputs(batch)
     B, S = batch["input_ids"].shape
@@ -128,13 +142,20 @@ def forward_with_candidates(model, batch: Mapping[str, Any], rng=None):
     pos = jnp.concatenate([jnp.maximum(jnp.cumsum(real, -1, dtype=jnp.int32) - 1, 0), ext_pos], axis=1)
     mask = full_mask(batch["attention_mask"], batch["cand_pos"], K, C)
     out = model.llama(inputs_embeds=x, attention_mask=mask, positions=pos,
-                      rng=None if rng is None else jax.random.fold_in(rng, 1))
-    return out.logits[:, :S], out.logits[:, S:]
+                      rng=None if rng is None else jax.random.fold_in(rng, 1), compute_logits=compute_logits)
+    return out, S
 
 
 def differentiable_aux(logits_main, logits_ext, batch, digit_ids):
     """(L_V, L_C) for a batch carrying :func:`add_targets` arrays."""
     return video_loss(logits_main, logits_ext, batch), moment_loss(logits_main, batch, digit_ids)
+
+
+def differentiable_aux_hidden(hidden_main, hidden_ext, kernel, batch, digit_ids, chunk: int):
+    """:func:`differentiable_aux` from :func:`forward_hidden_with_candidates`' hidden states: the
+    logits only where the losses read them (the candidates' rows, the span's digit columns)."""
+    return (video_loss_hidden(hidden_main, hidden_ext, kernel, batch, chunk),
+            moment_loss_hidden(hidden_main, kernel, batch, digit_ids))
 
 
 def full_mask(attention_mask: jax.Array, cand_pos: jax.Array, K: int, C: int) -> jax.Array:
@@ -156,13 +177,36 @@ def full_mask(attention_mask: jax.Array, cand_pos: jax.Array, K: int, C: int) ->
 def video_loss(logits_main: jax.Array, logits_ext: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
     """CE over the 10 candidate answers, scored by their sequence log-probabilities."""
     pos = batch["cand_pos"]                                            # [B]
-    valid = pos >= 0
     B, K, C = batch["cand_cont"].shape
     lp_main = jax.nn.log_softmax(logits_main.astype(jnp.float32), -1)  # [B, S, V]
     at = jnp.take_along_axis(lp_main, jnp.maximum(pos - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, V]
     first = jnp.take_along_axis(at, batch["cand_first"], axis=-1)      # [B, K]
     lp_ext = jax.nn.log_softmax(logits_ext.astype(jnp.float32), -1).reshape(B, K, C, -1)
     tok = jnp.take_along_axis(lp_ext, batch["cand_cont"][..., None], axis=-1)[..., 0]         # [B, K, C]
+    return _candidate_ce(first, tok, batch)
+
+
+def video_loss_hidden(hidden_main: jax.Array, hidden_ext: jax.Array, kernel: jax.Array,
+                      batch: Mapping[str, Any], chunk: int) -> jax.Array:
+    """:func:`video_loss` from hidden states: log-probabilities at the ``1 + K*C`` rows it reads
+    only, each a target logit minus the row's logsumexp (``losses.blockwise_logits``)."""
+    pos = batch["cand_pos"]                                            # [B]
+    B, K, C = batch["cand_cont"].shape
+    D = hidden_main.shape[-1]
+    h_at = jnp.take_along_axis(hidden_main, jnp.maximum(pos - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, D]
+    logz, first, _ = losses.blockwise_logits(h_at, kernel, batch["cand_first"], chunk)              # [B], [B, K]
+    logz_ext, tok, _ = losses.blockwise_logits(hidden_ext.reshape(B * K * C, D), kernel,
+                                               batch["cand_cont"].reshape(B * K * C, 1), chunk)
+    first = first - logz[:, None]
+    tok = (tok[:, 0] - logz_ext).reshape(B, K, C)                     # [B, K, C]
+    return _candidate_ce(first, tok, batch)
+
+
+def _candidate_ce(first: jax.Array, tok: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
+    """The CE of the ground-truth candidate: ``first [B, K]`` the first digit's log-probability,
+    ``tok [B, K, C]`` the continuation's (``cand_len`` of them count)."""
+    valid = batch["cand_pos"] >= 0
+    B, K, C = tok.shape
     m = jnp.arange(C)[None, None, :] < batch["cand_len"][..., None]
     score = first + jnp.where(m, tok, 0.0).sum(-1)                     # [B, K]
     target = jnp.maximum(batch["target_index"], 0)
@@ -178,6 +222,11 @@ def expected_numbers(logits: jax.Array, batch: Mapping[str, Any], digit_ids: Seq
     flat = jnp.maximum(pos - 1, 0).reshape(B, -1)                      # logits at t-1 predict t
     lg = jnp.take_along_axis(logits, flat[..., None], axis=1)          # [B, 2D, V]
     dl = jnp.take(lg, jnp.asarray(digit_ids), axis=-1).astype(jnp.float32)
+    return _expected_from_digit_logits(dl, batch)
+
+
+def _expected_from_digit_logits(dl: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
+    pos = batch["num_pos"]
     p = jax.nn.softmax(dl, -1)
     e_digit = (p * jnp.arange(10.0)).sum(-1).reshape(pos.shape)        # [B, 2, D]
     return jnp.where(pos >= 0, e_digit * batch["num_place"], 0.0).sum(-1)
@@ -192,7 +241,21 @@ def soft_iou(pred: jax.Array, gt: jax.Array) -> jax.Array:
 
 
 def moment_loss(logits: jax.Array, batch: Mapping[str, Any], digit_ids) -> jax.Array:
-    B = logits.shape[0]
+    return _moment_from_expected(expected_numbers(logits, batch, digit_ids), batch)
+
+
+def moment_loss_hidden(hidden_main: jax.Array, kernel: jax.Array, batch: Mapping[str, Any], digit_ids) -> jax.Array:
+    """:func:`moment_loss` from hidden states: the ten digit logits at the span's positions only
+    (only the distribution over the digits is read, so no logsumexp over the vocabulary)."""
+    B = hidden_main.shape[0]
+    flat = jnp.maximum(batch["num_pos"] - 1, 0).reshape(B, -1)          # logits at t-1 predict t
+    h = jnp.take_along_axis(hidden_main, flat[..., None], axis=1)      # [B, 2D, D_model]
+    dl = jnp.dot(h, jnp.take(kernel, jnp.asarray(digit_ids), axis=1), preferred_element_type=jnp.float32)
+    return _moment_from_expected(_expected_from_digit_logits(dl, batch), batch)
+
+
+def _moment_from_expected(expected: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
+    B = expected.shape[0]
     valid = (batch["num_pos"][:, :, 0] >= 0).all(-1) & (batch.get("weight", jnp.ones(B)) > 0)
-    iou = soft_iou(expected_numbers(logits, batch, digit_ids), batch["gt_span"])
+    iou = soft_iou(expected, batch["gt_span"])
     return jnp.where(valid, 1.0 - iou, 0.0).sum() / jnp.maximum(valid.sum(), 1)

@@ -106,10 +106,11 @@ def train(exp: Experiment, workdir: str | Path, *, max_steps: int | None = None,
 
     # --- the compiled step ---
     aux = make_aux_mode(tc.aux_loss_mode, exp.tokenizer, alpha=tc.alpha, beta=tc.beta,
-                        start_step=tc.aux_start_step, faithful_select=tc.faithful_select)
+                        start_step=tc.aux_start_step, faithful_select=tc.faithful_select,
+                        lm_chunk=tc.lm_loss_chunk)
     # The LM head only where the next token is supervised (the differentiable aux losses read
-    # logits everywhere: they get the full head).
-    supervised_head = tc.lm_head == "supervised" and not aux.batch_targets
+    # logits everywhere: they get the full head, unless the blockwise loss gives them hidden states).
+    supervised_head = tc.lm_head == "supervised" and (tc.lm_loss_chunk > 0 or not aux.batch_targets)
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule, aux, rng_impl=exp.rng_impl,
                                                                lm_reduction=tc.lm_loss_reduction))
 

@@ -10,6 +10,9 @@
     causal-LM loss (``ivcr/models/modeling_llama.py : LlamaForCausalLM.forward``: shifted
     ``CrossEntropyLoss()``, a mean over the sample's non −100 labels), so each sample weighs the
     same whatever its answer length.
+  With ``train.lm_loss_chunk > 0`` the same loss comes from the final hidden states and the
+  ``lm_head`` kernel over vocabulary blocks (:func:`chunked_lm_loss`): no ``[B, K, V]`` fp32 logits
+  in the forward or the backward pass.
 * ``video`` (L_V) and ``moment`` (L_C) in two modes (config ``train.aux_loss_mode``):
   - ``faithful``: as the reference computes them (``ivcr/models/ivcr.py : IVCR.forward``, the
     ``flag == 1`` block; reference-architecture §8.6): from the argmax of the teacher-forced
@@ -22,6 +25,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import re
 from typing import Any, Mapping
@@ -29,6 +34,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import multihost_utils
 
 from ivcr_jax.data.answers import iou, parse_moment, parse_video_index
@@ -48,21 +54,42 @@ def lm_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array | None = Non
     tokens of the batch; ``"sample_mean"``, the mean over the rows that have supervised tokens of
     each row's own token mean (the reference's batch-1 loss, averaged over samples). Both are sums
     over the batch axis inside the jitted step, so a data-sharded global batch (one or several
-    processes) gives the global value.
+    processes) gives the global value. :func:`chunked_lm_loss` is the same loss from the hidden
+    states, without these logits.
     """
+    _check_reduction(reduction)
+    if index is None:
+        logits = logits[:, :-1]
+    targets, mask = _targets(labels, weight, index, shifted_len=None)
+    logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    tgt = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    nll = jnp.where(mask, logz - tgt.astype(jnp.float32), 0.0)
+    return _reduce(nll, mask, reduction)
+
+
+def _check_reduction(reduction: str) -> None:
     if reduction not in LM_REDUCTIONS:
         raise ValueError(f"lm_loss reduction must be one of {LM_REDUCTIONS}, got {reduction!r}")
+
+
+def _targets(labels, weight, index, shifted_len):
+    """``(targets, mask)``: the id each row of the logits predicts (−100 none) and whether it
+    counts. ``index is None``: position t predicts ``labels[:, t+1]``, over ``S - 1`` positions,
+    or over ``shifted_len = S`` positions with the last one masked (no next token)."""
     if index is None:
-        logits, targets = logits[:, :-1], labels[:, 1:]
+        targets = labels[:, 1:]
+        if shifted_len is not None:
+            targets = jnp.pad(targets, ((0, 0), (0, shifted_len - targets.shape[1])), constant_values=-100)
     else:
         nxt = jnp.clip(index + 1, 0, labels.shape[1] - 1)
         targets = jnp.where(index >= 0, jnp.take_along_axis(labels, nxt, axis=1), -100)
     mask = targets != -100
     if weight is not None:
         mask = mask & (weight[:, None] > 0)
-    logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-    tgt = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-    nll = jnp.where(mask, logz - tgt.astype(jnp.float32), 0.0)
+    return targets, mask
+
+
+def _reduce(nll, mask, reduction):
     n = mask.sum()
     if reduction == "sample_mean":
         n_row = mask.sum(axis=1)
@@ -70,6 +97,161 @@ def lm_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array | None = Non
         per_row = nll.sum(axis=1) / jnp.maximum(n_row, 1).astype(jnp.float32)
         return jnp.where(real, per_row, 0.0).sum() / jnp.maximum(real.sum(), 1).astype(jnp.float32), n
     return nll.sum() / jnp.maximum(n, 1), n
+
+
+# ------------------------------------------------------------------ the blockwise LM head
+# ``train.lm_loss_chunk > 0``: the same losses from the final hidden states and the lm_head kernel,
+# one vocabulary block at a time (an online logsumexp, the argmax tracked across blocks), the
+# backward recomputing each block's logits: no ``[B, K, V]`` array in the forward or the backward.
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenHead:
+    """What the forward hands to the losses instead of logits (``train.lm_loss_chunk > 0``).
+
+    ``hidden [B, K, D]`` the final-norm states at the ``loss_index`` positions (or ``[B, S, D]``,
+    all positions); ``kernel [D, V]`` the ``lm_head`` kernel in the compute dtype
+    (``Llama.lm_head_weight``, the embedding's transpose when tied); ``chunk`` the vocabulary block.
+    """
+
+    hidden: jax.Array
+    kernel: jax.Array
+    chunk: int
+
+
+def lm_head_loss(out, labels: jax.Array, weight: jax.Array | None = None, index: jax.Array | None = None,
+                 reduction: str = "token_mean", *, argmax: bool = False):
+    """The step's LM loss of either forward output → ``(loss, n_tokens, argmax ids or None)``.
+
+    ``out`` is the logits (:func:`lm_loss`; the argmax over them) or a :class:`HiddenHead`
+    (:func:`chunked_lm_loss`). The argmax ``[B, K]`` (``[B, S]`` without ``index``) is the
+    teacher-forced prediction the faithful aux mode decodes.
+    """
+    if isinstance(out, HiddenHead):
+        return chunked_lm_loss(out.hidden, out.kernel, labels, weight, index, reduction, chunk=out.chunk,
+                               argmax=argmax)
+    loss, n = lm_loss(out, labels, weight, index, reduction)
+    return loss, n, (jnp.argmax(out, axis=-1).astype(jnp.int32) if argmax else None)
+
+
+def chunked_lm_loss(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, weight: jax.Array | None = None,
+                    index: jax.Array | None = None, reduction: str = "token_mean", *, chunk: int = 2048,
+                    argmax: bool = False):
+    """:func:`lm_loss` (same targets, −100 masking, weights and reductions) of the logits
+    ``hidden @ kernel`` without forming them → ``(loss, n_tokens, argmax ids [B, K] or None)``.
+
+    ``hidden [B, K, D]`` at the ``index`` positions, or ``[B, S, D]`` without ``index`` (position
+    t predicts ``labels[:, t+1]``; the argmax is then ``[B, S]``, as over full logits). Per row,
+    the logsumexp and the target's logit come from one sweep over vocabulary blocks of ``chunk``
+    columns (:func:`blockwise_logits`).
+    """
+    _check_reduction(reduction)
+    B, K, D = hidden.shape
+    targets, mask = _targets(labels, weight, index, shifted_len=K if index is None else None)
+    logz, tgt, pred = blockwise_logits(hidden.reshape(B * K, D), kernel, jnp.maximum(targets, 0).reshape(B * K, 1),
+                                       chunk, argmax=argmax)
+    nll = jnp.where(mask, logz.reshape(B, K) - tgt.reshape(B, K), 0.0)
+    loss, n = _reduce(nll, mask, reduction)
+    return loss, n, None if pred is None else pred.reshape(B, K)
+
+
+def blockwise_logits(hidden: jax.Array, kernel: jax.Array, ids: jax.Array, chunk: int, *, argmax: bool = False):
+    """What a loss reads of the fp32 logits ``hidden [N, D] @ kernel [D, V]``, in vocabulary blocks
+    of ``chunk`` columns → ``(logsumexp [N], the logits of ids [N, T], argmax [N] int32 or None)``.
+
+    A custom VJP: the backward recomputes each block's logits and accumulates ``d hidden`` in fp32
+    (and ``d kernel``, only when the kernel is being differentiated: a trainable or tied LM head),
+    so neither pass holds more than one ``[N, chunk]`` block. ``chunk >= V`` is one block. The
+    argmax takes the first maximum, as ``jnp.argmax``.
+    """
+    if chunk <= 0:
+        raise ValueError(f"blockwise_logits chunk must be > 0, got {chunk}")
+    return _blockwise(hidden, kernel, ids.astype(jnp.int32), int(chunk), bool(argmax))
+
+
+def _n_blocks(V: int, chunk: int) -> tuple[int, int]:
+    c = min(chunk, V)
+    return -(-V // c), c
+
+
+def _block(hidden, kernel, ids, i, c):
+    """Block ``i`` of ``c`` columns → ``(logits [N, c] fp32, start, kernel block, ids' column in it
+    [N, T], whether each id is there [N, T])``. Blocks start at ``i * c``; the last one is moved
+    back to end at V (no padded copy of the kernel), its columns that the previous block covered
+    set to −inf."""
+    V = kernel.shape[1]
+    start = jnp.minimum(i * c, V - c)
+    w = jax.lax.dynamic_slice_in_dim(kernel, start, c, axis=1)               # [D, c]
+    logits = jnp.dot(hidden, w, preferred_element_type=jnp.float32)          # as Llama's head
+    logits = jnp.where((start + jnp.arange(c) >= i * c)[None, :], logits, -jnp.inf)
+    here = (ids >= i * c) & (ids < start + c)
+    return logits, start, w, jnp.clip(ids - start, 0, c - 1), here
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blockwise(hidden, kernel, ids, chunk, with_argmax):
+    n, c = _n_blocks(kernel.shape[1], chunk)
+    N = hidden.shape[0]
+
+    def body(i, carry):
+        m, s, picked, arg = carry
+        logits, start, _, col, here = _block(hidden, kernel, ids, i, c)
+        picked = jnp.where(here, jnp.take_along_axis(logits, col, axis=1), picked)
+        bm = logits.max(-1)
+        if with_argmax:   # strictly greater: an earlier block's equal maximum wins
+            arg = jnp.where(bm > m, jnp.argmax(logits, -1).astype(jnp.int32) + start, arg)
+        m_new = jnp.maximum(m, bm)
+        s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[:, None]).sum(-1)
+        return m_new, s, picked, arg
+
+    init = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32),
+            jnp.zeros(ids.shape, jnp.float32), jnp.zeros((N,), jnp.int32))
+    m, s, picked, arg = jax.lax.fori_loop(0, n, body, init)
+    return m + jnp.log(s), picked, (arg if with_argmax else None)
+
+
+def _blockwise_fwd(hidden, kernel, ids, chunk, with_argmax):
+    # symbolic_zeros: the primals come with a ``perturbed`` bit, so a frozen kernel (the paper's
+    # LoRA over a frozen LLaMA) costs no kernel-gradient work. The bit travels in the residuals'
+    # structure (None / ()), as residuals hold arrays only.
+    out = _blockwise(hidden.value, kernel.value, ids.value, chunk, with_argmax)
+    return out, (hidden.value, kernel.value, ids.value, out[0], () if kernel.perturbed else None)
+
+
+def _blockwise_bwd(chunk, with_argmax, res, ct):
+    hidden, kernel, ids, logz, kernel_grad = res
+    g_logz, g_pick = ct[0], ct[1]
+    if isinstance(g_logz, SymbolicZero) and isinstance(g_pick, SymbolicZero):
+        return jnp.zeros_like(hidden), jnp.zeros_like(kernel), None
+    g_logz = jnp.zeros(logz.shape, jnp.float32) if isinstance(g_logz, SymbolicZero) else g_logz
+    g_pick = jnp.zeros(ids.shape, jnp.float32) if isinstance(g_pick, SymbolicZero) else g_pick
+    n, c = _n_blocks(kernel.shape[1], chunk)
+    rows = jnp.arange(hidden.shape[0])[:, None]
+    with_kernel = kernel_grad is not None
+    contract = lambda a, b, dims: jax.lax.dot_general(a, b, (dims, ((), ())),    # noqa: E731
+                                                      preferred_element_type=jnp.float32)
+
+    def body(i, carry):
+        dh, dw = carry
+        logits, start, w, col, here = _block(hidden, kernel, ids, i, c)
+        # d logits of the block, fp32 (as the full-logits backward): softmax · g_logz, plus g_pick
+        # at the ids (0 where −inf)
+        gl = g_logz[:, None] * jnp.exp(logits - logz[:, None])
+        gl = gl.at[rows, col].add(jnp.where(here, g_pick, 0.0))
+        dh = dh + contract(gl, w, ((1,), (1,)))                                 # [N, D]
+        if with_kernel:
+            # The last block's repeated columns get gl = 0: adding leaves them as written.
+            dwc = contract(hidden, gl, ((0,), (0,))).astype(dw.dtype)          # [D, c]
+            dw = jax.lax.dynamic_update_slice_in_dim(
+                dw, jax.lax.dynamic_slice_in_dim(dw, start, c, axis=1) + dwc, start, axis=1)
+        return dh, dw
+
+    dw0 = jnp.zeros_like(kernel) if with_kernel else jnp.zeros((), kernel.dtype)
+    dh, dw = jax.lax.fori_loop(0, n, body, (jnp.zeros(hidden.shape, jnp.float32), dw0))
+    return dh.astype(hidden.dtype), (dw if with_kernel else jnp.zeros_like(kernel)), None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd, symbolic_zeros=True)
 
 
 def loss_index(labels: np.ndarray, weight: np.ndarray | None = None, multiple: int = 64, at_least: int = 0) -> np.ndarray:

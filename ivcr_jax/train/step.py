@@ -35,9 +35,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
                     rng_impl: str | None = None, lm_reduction: str = "token_mean") -> Callable:
     """Build ``step(state, frozen, batch) -> (state, metrics, outputs)`` (not yet jitted).
 
-    ``aux`` (``train/aux.py``) is the aux-loss mode: its forward pass, its differentiable terms
+    ``aux`` (``train/aux.py``) is the aux-loss mode: its forward pass (logits, or hidden states
+    for the blockwise LM loss when built with ``train.lm_loss_chunk > 0``), its differentiable terms
     (added to the LM loss with their weights from ``aux.start_step`` on) and the outputs the host
-    reads after the step. ``lm_reduction`` is ``train.lm_loss_reduction`` (``losses.lm_loss``).
+    reads after the step. ``lm_reduction`` is ``train.lm_loss_reduction`` (``losses.lm_head_loss``).
     """
     if lm_reduction not in L.LM_REDUCTIONS:
         raise ValueError(f"train.lm_loss_reduction must be one of {L.LM_REDUCTIONS}, got {lm_reduction!r}")
@@ -51,15 +52,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, frozen)
-            logits, extra = aux.forward(model, batch, rng)
-            lm, ntok = L.lm_loss(logits, batch["labels"], batch.get("weight"), batch.get("loss_index"),
-                                 reduction=lm_reduction)
+            out, extra = aux.forward(model, batch, rng)
+            lm, ntok, pred = L.lm_head_loss(out, batch["labels"], batch.get("weight"), batch.get("loss_index"),
+                                            reduction=lm_reduction, argmax=aux.needs_argmax)
             parts, total = {"lm": lm}, lm
-            for name, (weight, value) in aux.terms(logits, extra, batch).items():
+            for name, (weight, value) in aux.terms(out, extra, batch).items():
                 value = jnp.where(aux_on, value, 0.0)   # 0 (and no gradient) before the start
                 parts[name] = value
                 total = total + weight * value
-            return total, (parts, ntok, aux.outputs(logits))
+            return total, (parts, ntok, aux.outputs(pred))
 
         (total, (parts, ntok, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
