@@ -118,11 +118,7 @@ def select_token(logits: jax.Array, key: jax.Array | None, temperature, top_p, *
 
 def _lm_logits(llama, h: jax.Array) -> jax.Array:
     """LM-head logits (fp32) of final-norm hidden states ``h [B, D]``, as ``Llama.__call__`` computes them."""
-    if llama.lm_head is None:
-        w = llama.embed_tokens.embedding[...].astype(llama.dtype).T
-    else:
-        w = llama.lm_head.kernel[...].astype(llama.dtype)
-    return jnp.dot(h.astype(llama.dtype), w, preferred_element_type=jnp.float32)
+    return jnp.dot(h.astype(llama.dtype), llama.lm_head_weight(), preferred_element_type=jnp.float32)
 
 
 def _encode(graphdef, state, batch):

@@ -101,8 +101,10 @@ def plan(exp: Experiment, mesh, *, batch_size: int | None = None, seq_len: int =
     state, frozen, batch = abstract_inputs(exp, mesh, batch_size=batch_size, seq_len=seq_len, split=split,
                                            frames_per_row=frames_per_row)
     b = batch["input_ids"].shape[0]
-    aux = make_aux_mode(exp.train.aux_loss_mode, exp.tokenizer, alpha=exp.train.alpha, beta=exp.train.beta)
-    step = step_lib.make_train_step(graphdef, tx, schedule, aux)
+    tc = exp.train   # the step exactly as train/loop.py builds it (the blockwise loss included)
+    aux = make_aux_mode(tc.aux_loss_mode, exp.tokenizer, alpha=tc.alpha, beta=tc.beta, start_step=tc.aux_start_step,
+                        faithful_select=tc.faithful_select, lm_chunk=tc.lm_loss_chunk)
+    step = step_lib.make_train_step(graphdef, tx, schedule, aux, lm_reduction=tc.lm_loss_reduction)
     with sharding.use_mesh(mesh):
         compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch).compile()
     mem = compiled.memory_analysis()
