@@ -49,6 +49,7 @@ def get_config(arg: str = ""):
     c.model.llm.update(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=4)
     c.init.random_init = "fan_in"      # unit-gain random layers at width 64 (see models/build.py)
     c.data.cache_videos = 256           # the whole corpus stays decoded in memory (~120 MB)
+    c.data.vit_features = ""            # a ViT feature cache (python -m ivcr_jax.train.vit_cache); "" = online ViT
     c.trainable = tuple(c.trainable) + (r"llama/.*",)
     c.train.update(batch_size=2, steps=800, warmup_steps=10, lr=3e-3, min_lr=3e-4, warmup_init_lr=1e-5,
                    ckpt_every=200, keep_checkpoints=2, log_every=10,

@@ -79,6 +79,7 @@ def data_config(tiny: bool = False, head64: bool = False) -> mlc.ConfigDict:
                     (96, 120, 136, 144, 152, 160, 168, 176, 184, 192, 200, 216, 240, 288, 336, 432))
     d.workers = 0
     d.cache_videos = 0               # videos kept decoded in memory (for corpora that fit); 0 = none
+    d.vit_features = ""              # a ViT feature cache (python -m ivcr_jax.train.vit_cache); "" = online ViT
     d.frame_message = True           # moment turns: "... </VIDEO>. The video contains N frames sampled at ... seconds"
     d.double_dot = False             # True: "seconds..{question}" (an earlier reading); HEAD: "seconds.{question}"
     return d

@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -237,6 +238,7 @@ class DataConfig:
     max_sample_turns: int | None = 7
     long_prefix: str = "drop"
     prepared: str = ""           # a dataset written by ``python -m ivcr_jax.data.prepare``
+    vit_features: str = ""       # a ViT feature cache (``python -m ivcr_jax.train.vit_cache``): no online ViT
     frame_message: bool = True   # moment turns carry "The video contains N frames sampled at ... seconds"
     double_dot: bool = False     # True: "seconds..{question}"; the reference HEAD renders "seconds.{question}"
     # The ViT's frame pool (data/batch.py, docs/architecture.md "Frame packing"): its capacities in
@@ -252,6 +254,12 @@ class DataConfig:
                 or list(fp) != sorted(set(fp))):
             raise UsageError(f"config.data.frame_pool must be an increasing tuple of positive frame counts per "
                              f"batch row, e.g. (96, 120, 144), or () for no packing, got {fp!r}")
+        for name in ("prepared", "vit_features"):
+            if not isinstance(getattr(self, name), str):
+                raise UsageError(f"config.data.{name} must be a path or \"\", got {getattr(self, name)!r}")
+        if self.vit_features and "://" not in self.vit_features and not os.path.isdir(self.vit_features):
+            raise UsageError(f"config.data.vit_features={self.vit_features!r}: no such directory (write a ViT "
+                             f"feature cache with python -m ivcr_jax.train.vit_cache, or set it to \"\")")
         for name in ("frame_message", "double_dot"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"config.data.{name} must be true or false, got {getattr(self, name)!r}")

@@ -105,6 +105,9 @@ class BatchLayout:
     timestamp_len: int
     pool_sizes: tuple[int, ...] = ()
     pack_groups: int = 1
+    # The ViT feature cache (data/features.py): ``(1 + N, D, dtype)`` of a pool row's features, which
+    # the pool then holds as ``vit_features`` in place of ``frames``; () = frames.
+    vit_features: tuple = ()
 
     def __post_init__(self):
         sizes = tuple(int(s) for s in self.pool_sizes)
@@ -155,8 +158,13 @@ class BatchLayout:
     def pool_fields(self) -> dict[str, Field]:
         """One pool row (one frame)."""
         H, L = self.frame_size, self.timestamp_len
+        if self.vit_features:
+            n, d, dtype = self.vit_features
+            pixels = {"vit_features": Field((int(n), int(d)), _feature_dtype(dtype), 0)}
+        else:
+            pixels = {"frames": Field((H, H, 3), np.uint8, 0)}
         return {
-            "frames": Field((H, H, 3), np.uint8, 0),
+            **pixels,
             "timestamp_ids": Field((L,), np.int32, PAD_ID),
             "timestamp_mask": Field((L,), np.int32, 0),
         }
@@ -198,7 +206,7 @@ class BatchLayout:
                 cursor[p] += n[i]
             else:
                 pos = j * K + slot
-            for k in FRAME_KEYS:
+            for k in pool:
                 pool[k][p, pos] = x[k]
             index[i, slot] = pos
         off = self.slot_offsets()
@@ -268,6 +276,14 @@ class BatchLayout:
         F = r * (self.slots_per_row if frames_per_row is None else min(int(frames_per_row), self.slots_per_row))
         out["pool"] = {k: sds((P, F) + f.shape, f) for k, f in self.pool_fields().items()}
         return out
+
+
+def _feature_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def _map(fn, tree):

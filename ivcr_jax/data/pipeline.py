@@ -55,7 +55,7 @@ distinct samples: a sample skipped in every epoch counts once (the draws are cou
 Config (:class:`PipelineConfig`; :meth:`PipelineConfig.from_config` reads an ml_collections
 ``config.data`` node with keys ``retrieval_frames, moment_frames, frame_size, timestamp_len,
 max_turns, max_sample_turns, max_len, text_buckets, max_retrieval_videos, max_moment_videos,
-workers, video_root, prepared, frame_pool`` — missing keys keep the defaults).
+workers, video_root, prepared, vit_features, frame_pool`` — missing keys keep the defaults).
 """
 from __future__ import annotations
 
@@ -127,6 +127,7 @@ class PipelineConfig:
     decode_threads: int = 1  # decord threads per video
     cache_videos: int = 0  # videos kept decoded (every frame, at frame_size) in memory; 0 = none
     prepared: str | None = None  # a dataset written by ivcr_jax.data.prepare (else raw videos)
+    vit_features: str | None = None  # a ViT feature cache (data/features.py): the pool holds features
     # The ViT's frame pool (data/batch.py): capacities in frames per batch row, () = every slot;
     # pack_groups pools per (this process's) batch, one per data-parallel shard (Experiment.pipeline).
     frame_pool: tuple[int, ...] = ()
@@ -178,6 +179,7 @@ class PipelineConfig:
             num_workers=int(get("workers", cls.num_workers)),
             cache_videos=int(get("cache_videos", cls.cache_videos)),
             prepared=get("prepared", None) or None,
+            vit_features=get("vit_features", None) or None,
             frame_pool=tuple(int(c) for c in (get("frame_pool", ()) or ())),
         )
         kw.update(overrides)
@@ -384,7 +386,7 @@ class SampleLoader:
         """The sample's arrays: its video masks, and its real frames only, as a frame record
         (``BatchLayout.frame_record``: each frame with its slot among the row's K), which the
         :class:`Batcher` packs into the batch's frame pool."""
-        size = self.cfg.frame_size
+        pix, want = next((k, f.shape) for k, f in self.layout.pool_fields().items() if k in ("frames", "vit_features"))
         groups = self.layout.empty_videos()
         offsets = self.layout.slot_offsets()
         duration = -1.0
@@ -392,8 +394,8 @@ class SampleLoader:
         for v, slot in zip(s.videos, s.video_slots()):
             f = decoded[(v.path, v.num_frames)]
             gr, n = groups[v.group], min(len(f.pixels), v.num_frames)
-            if f.pixels.shape[1:] != (size, size, 3):
-                raise ValueError(f"{v.path}: frames of shape {f.pixels.shape[1:]}, expected {(size, size, 3)}")
+            if f.pixels.shape[1:] != want:
+                raise ValueError(f"{v.path}: {pix} of shape {f.pixels.shape[1:]}, expected {want}")
             gr["frame_mask"][slot, :n] = True
             gr["video_mask"][slot] = True
             shown.append((offsets[v.group] + slot * self.layout.groups[v.group][1], f, n))
@@ -403,7 +405,7 @@ class SampleLoader:
         i = 0
         for first, f, n in shown:
             rec["slot"][i:i + n] = first + np.arange(n)
-            rec["frames"][i:i + n] = f.pixels[:n]
+            rec[pix][i:i + n] = f.pixels[:n]
             for j, t in enumerate(f.timestamps[:n]):
                 ids = self.timestamp_tokens(float(t))
                 rec["timestamp_ids"][i + j, : len(ids)] = ids
@@ -563,7 +565,8 @@ def make_pipeline(
       tokenizer: from ``ivcr_jax.tokenizer.load_tokenizer`` (must know ``<VIDEOTOKEN>``).
       process_index / process_count: the shard to read (default: ``jax.process_index/count()``).
       videos: where frames come from: an object with ``load(request, mode, rng) -> Frames``;
-        default ``prepare.PreparedVideos(cfg.prepared)`` when ``cfg.prepared`` is set, else
+        default ``features.VitFeatures(cfg.vit_features)`` when ``cfg.vit_features`` is set (the pool
+        then holds ViT features), ``prepare.PreparedVideos(cfg.prepared)`` when ``cfg.prepared`` is set, else
         :class:`RawVideos` decoding the files.
     """
 
@@ -575,6 +578,12 @@ def make_pipeline(
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if not samples:
         raise ValueError("no samples to iterate over")
+    features = None
+    if videos is None and cfg.vit_features:
+        # Lazy: features.py imports tensorflow_datasets (through prepare.py).
+        from ivcr_jax.data.features import VitFeatures
+
+        videos = features = VitFeatures(cfg.vit_features, size=cfg.frame_size)
     if videos is None:
         if cfg.prepared:
             # Lazy: prepare.py imports tensorflow_datasets, a heavy optional dependency of raw-video runs.
@@ -602,6 +611,8 @@ def make_pipeline(
         ds = grain.MapDataset.source(local)
         num_local = per_process
     layout = batch_layout(cfg, capacity)
+    if features is not None:
+        layout = dataclasses.replace(layout, vit_features=features.feature_spec)
     ds = ds.map(SampleLoader(cfg, tokenizer, layout, train=train, seed=seed, videos=videos))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_prefetch))
     if cfg.num_workers > 0:

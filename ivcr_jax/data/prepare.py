@@ -69,6 +69,31 @@ def video_key(video_id: str, num_frames: int) -> str:
     return f"{video_id}@{num_frames}"
 
 
+def split_videos(corpus_json, video_root, *, split: str | None, retrieval_frames: int, moment_frames: int,
+                 lang: str = "en", exclude_types=((0,),), num_candidates: int | None = 10):
+    """``(dialogues, report, videos)``: the split's dialogues and its distinct (video, frame count)
+    requests in first-shown order (what a prepared dataset stores one record of)."""
+    dialogues, report = load_dialogues(corpus_json, split=split, lang=lang, exclude_types=exclude_types,
+                                       num_candidates=num_candidates)
+    log.info(report.summary())
+    scfg = SampleConfig(retrieval_frames=retrieval_frames, moment_frames=moment_frames, video_root=str(video_root))
+    seen, keys = set(), []
+    for d in dialogues:
+        for t in range(len(d.turns)):
+            for v in turn_videos(d, t, scfg):
+                k = video_key(v.video_id, v.num_frames)
+                if k not in seen:
+                    seen.add(k)
+                    keys.append(v)
+    return dialogues, report, keys
+
+
+def split_records(corpus_json, dialogues) -> list[dict]:
+    """The raw JSON records of ``dialogues`` (saved beside a prepared dataset as ``dialogues.json``)."""
+    raw = json.loads(Path(corpus_json).read_text(encoding="utf-8"))
+    return [raw[d.index] for d in dialogues]
+
+
 def _tfds():
     import tensorflow_datasets as tfds
 
@@ -138,21 +163,11 @@ def _builder_classes():
 
         def _generate_examples(self):
             c = self.builder_config
-            dialogues, report = load_dialogues(self._corpus_json, split=self._split, lang=self._lang,
-                                               exclude_types=self._exclude, num_candidates=self._num_candidates)
-            log.info(report.summary())
-            scfg = SampleConfig(retrieval_frames=c.retrieval_frames, moment_frames=c.moment_frames,
-                                video_root=str(self._video_root))
-            seen, keys = set(), []
-            for d in dialogues:
-                for t in range(len(d.turns)):
-                    for v in turn_videos(d, t, scfg):
-                        k = video_key(v.video_id, v.num_frames)
-                        if k not in seen:
-                            seen.add(k)
-                            keys.append(v)
-            raw = json.loads(Path(self._corpus_json).read_text(encoding="utf-8"))
-            self.records = [raw[d.index] for d in dialogues]
+            dialogues, report, keys = split_videos(
+                self._corpus_json, self._video_root, split=self._split, retrieval_frames=c.retrieval_frames,
+                moment_frames=c.moment_frames, lang=self._lang, exclude_types=self._exclude,
+                num_candidates=self._num_candidates)
+            self.records = split_records(self._corpus_json, dialogues)
             index = {}
             for v in keys:
                 k = video_key(v.video_id, v.num_frames)
@@ -211,7 +226,7 @@ def prepare(
     return data_dir
 
 
-def _find_data_dir(path: Path) -> Path:
+def find_data_dir(path: Path) -> Path:
     if (path / "dataset_info.json").is_file():
         return path
     found = sorted(p.parent for p in path.rglob("dataset_info.json"))
@@ -230,7 +245,7 @@ class PreparedVideos:
     """
 
     def __init__(self, path: str | os.PathLike, *, size: int | None = None):
-        self.path = _find_data_dir(Path(path))
+        self.path = find_data_dir(Path(path))
         self._source = None
         meta = json.loads((self.path / "metadata.json").read_text(encoding="utf-8"))
         self.index: dict[str, int] = meta["index"]
@@ -278,7 +293,7 @@ class PreparedVideos:
 
 def load_prepared_dialogues(path: str | os.PathLike, **kw):
     """The prepared split's dialogues: ``schema.load_dialogues`` on its ``dialogues.json``."""
-    return load_dialogues(_find_data_dir(Path(path)) / DIALOGUES_FILE, **kw)
+    return load_dialogues(find_data_dir(Path(path)) / DIALOGUES_FILE, **kw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,6 +68,12 @@ class PromptLoader:
         if video_slots not in ("bucketed", "cap"):
             raise ValueError(f"video_slots must be 'bucketed' or 'cap', got {video_slots!r}")
         self.pcfg, self.tokenizer, self.video_slots = pcfg, tokenizer, video_slots
+        self.features = None
+        if videos is None and pcfg.vit_features:
+            # Lazy: features.py reads the TFDS array_record cache (data/features.py).
+            from ivcr_jax.data.features import VitFeatures
+
+            videos = self.features = VitFeatures(pcfg.vit_features, size=pcfg.frame_size)
         self.videos = videos or RawVideos(pcfg.frame_size, pcfg.decode_threads)
         self.caps = pcfg.sample.group_capacity()
         self._cache: collections.OrderedDict = collections.OrderedDict()
@@ -138,8 +144,11 @@ class PromptLoader:
         cap = self.capacity(prompts)
         key = tuple(sorted(cap.items()))
         if key not in self._loaders:
-            self._loaders[key] = SampleLoader(self.pcfg, self.tokenizer, batch_layout(self.pcfg, cap),
-                                              train=False, seed=0, videos=self.videos)
+            layout = batch_layout(self.pcfg, cap)
+            if self.features is not None:   # the pool holds the cached ViT features, not frames
+                layout = dataclasses.replace(layout, vit_features=self.features.feature_spec)
+            self._loaders[key] = SampleLoader(self.pcfg, self.tokenizer, layout, train=False, seed=0,
+                                              videos=self.videos)
         loader = self._loaders[key]
         rows = [loader.pack(p.sample, p.frames) for p in prompts]
         return Batcher(loader.layout, self.pcfg.buckets, B)(rows)

@@ -65,6 +65,7 @@ import jax
 
 from ivcr_jax import checkpoints, distributed
 from ivcr_jax.cli import UsageError
+from ivcr_jax.data import features as features_lib
 from ivcr_jax.data.prompts import PromptLoader
 from ivcr_jax.data.official_answers import OfficialScorerError
 from ivcr_jax.data.samples import SampleRef
@@ -210,6 +211,7 @@ def evaluate_model(exp: Experiment, args, *, model=None, tokenizer=None) -> int:
         t0 = time.perf_counter()
         model, what = exp.load_model(args.checkpoint, mesh)
         print(f"model built and loaded in {time.perf_counter() - t0:.1f}s: {what}")
+    print(features_lib.vision_line(exp.data.vit_features or None, model), flush=True)
     tokenizer = tokenizer or exp.tokenizer
     root = exp.video_root(dialogues, annotations)
     retriever = Retriever.load(args.index, args.retriever_model) if args.index else None

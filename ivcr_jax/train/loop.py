@@ -19,6 +19,7 @@ from flax import nnx
 
 from ivcr_jax import checkpoints, distributed, sharding
 from ivcr_jax.cli import UsageError, output_dir
+from ivcr_jax.data import features as features_lib
 from ivcr_jax.experiment import Experiment
 from ivcr_jax.models.params import count, trainable_filter
 from ivcr_jax.train import data as data_lib
@@ -82,6 +83,7 @@ def train(exp: Experiment, workdir: str | Path, *, max_steps: int | None = None,
 
     # --- model, frozen and trainable parts ---
     model = exp.build_model(mesh)
+    print(features_lib.vision_line(exp.data.vit_features, model), flush=True)
     graphdef, params, frozen = nnx.split(model, trainable_filter(exp.trainable), ...)
     del model
     n_train, n_frozen = count(params), count(frozen)
