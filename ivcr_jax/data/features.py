@@ -41,7 +41,8 @@ import numpy as np
 
 from ivcr_jax.cli import UsageError
 from ivcr_jax.data import frames as frames_lib
-from ivcr_jax.data.prepare import DIALOGUES_FILE, corpus_paths, find_data_dir, split_records, split_videos, video_key
+from ivcr_jax.data.prepare import (DIALOGUES_FILE, corpus_paths, find_data_dir, tfds_module,
+                                   video_key, video_records_builder)
 from ivcr_jax.data.samples import VideoRequest
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,6 @@ def _np_dtype(name: str):
     return np.dtype(np.float32)
 
 
-def _tfds():
-    import tensorflow_datasets as tfds
-
-    return tfds
-
-
 _CLASSES = None
 
 
@@ -76,8 +71,7 @@ def _builder_classes():
     global _CLASSES
     if _CLASSES is not None:
         return _CLASSES
-    tfds = _tfds()
-    from tensorflow_datasets.core.utils.py_utils import classproperty
+    tfds = tfds_module()
 
     @dataclasses.dataclass
     class IvcrVitFeaturesConfig(tfds.core.BuilderConfig):
@@ -89,90 +83,43 @@ def _builder_classes():
         dtype: str = "bfloat16"
         grid: int = 1
 
-    class IvcrVitFeatures(tfds.core.GeneratorBasedBuilder):
+    class IvcrVitFeatures(video_records_builder()):
         """The frozen ViT's features of the videos an IVCR-200K split shows (see module docstring)."""
 
         VERSION = tfds.core.Version("1.0.0")
         RELEASE_NOTES = {"1.0.0": "Per (video, frame count) ViT + ln_vision features, uniform frames."}
         BUILDER_CONFIG_CLASS = IvcrVitFeaturesConfig
+        LOG_PREFIX = "vit features"
 
-        @classproperty
-        @classmethod
-        def code_path(cls):
-            return None
-
-        def __init__(self, *, corpus_json=None, video_root=None, split: str | None = None, lang: str = "en",
-                     exclude_types=((0,),), num_candidates: int | None = 10, encode=None, **kw):
-            self._corpus_json, self._video_root, self._split = corpus_json, video_root, split
-            self._lang, self._exclude, self._num_candidates = lang, exclude_types, num_candidates
+        def __init__(self, *, encode=None, **kw):
             self._encode = encode
-            self.records: list[dict] = []
-            self.failed: dict[str, str] = {}
             super().__init__(**kw)
 
         def _info(self):
-            f = tfds.features
             c = self.builder_config
             store = np.uint16 if c.dtype == "bfloat16" else np.float32
-            return tfds.core.DatasetInfo(
-                builder=self,
-                description="IVCR-200K videos through the frozen EVA ViT (+ ln_vision) for ivcr_jax.",
-                features=f.FeaturesDict({
-                    "key": f.Text(),
-                    "video_id": f.Text(),
-                    "num_frames": f.Scalar(dtype=np.int32),
-                    # bfloat16 as its uint16 bit patterns (a Tensor feature has no bfloat16)
-                    "features": f.Tensor(shape=(None, c.tokens, c.width), dtype=store),
-                    "timestamps": f.Tensor(shape=(None,), dtype=np.float32),
-                    "indices": f.Tensor(shape=(None,), dtype=np.int64),
-                    "duration": f.Tensor(shape=(), dtype=np.float64, encoding="bytes"),
-                    "fps": f.Tensor(shape=(), dtype=np.float64, encoding="bytes"),
-                }),
-                metadata=tfds.core.MetadataDict(),
-                disable_shuffling=True,
-            )
+            # bfloat16 as its uint16 bit patterns (a Tensor feature has no bfloat16)
+            return self._video_info("IVCR-200K videos through the frozen EVA ViT (+ ln_vision) for ivcr_jax.", {
+                "features": tfds.features.Tensor(shape=(None, c.tokens, c.width), dtype=store)})
 
-        def _split_generators(self, dl_manager):
-            return {self._split or "full": self._generate_examples()}
-
-        def _generate_examples(self):
+        def _video_records(self, key, video):
             c = self.builder_config
-            dialogues, report, keys = split_videos(
-                self._corpus_json, self._video_root, split=self._split, retrieval_frames=c.retrieval_frames,
-                moment_frames=c.moment_frames, lang=self._lang, exclude_types=self._exclude,
-                num_candidates=self._num_candidates)
-            self.records = split_records(self._corpus_json, dialogues)
-            index = {}
-            for v in keys:
-                k = video_key(v.video_id, v.num_frames)
-                # the uniform (evaluation) frames, then with grid > 1 the training grid's
-                todo = [(k, v.num_frames)] + ([(grid_key(k, c.grid), c.grid * v.num_frames)] if c.grid > 1 else [])
-                try:
-                    decoded = [(kk, frames_lib.load_frames(v.path, n, mode="uniform", size=c.size))
-                               for kk, n in todo]
-                except frames_lib.VideoError as e:
-                    self.failed[k] = str(e)
-                    log.warning("vit features: %s", e)
-                    continue
-                for kk, fr in decoded:
-                    feats = np.asarray(self._encode(fr.pixels), _np_dtype(c.dtype))
-                    if feats.shape != (len(fr.pixels), c.tokens, c.width):
-                        raise ValueError(f"{kk}: features of shape {feats.shape}, expected "
-                                         f"{(len(fr.pixels), c.tokens, c.width)}")
-                    index[kk] = len(index)
-                    yield index[kk], {
-                        "key": kk, "video_id": v.video_id, "num_frames": v.num_frames,
-                        "features": feats.view(np.uint16) if c.dtype == "bfloat16" else feats,
-                        "timestamps": fr.timestamps, "indices": fr.indices.astype(np.int64),
-                        "duration": float(fr.duration), "fps": float(fr.fps),
-                    }
-            self.info.metadata.update({
-                "index": index, "failed": self.failed, "retrieval_frames": c.retrieval_frames,
-                "moment_frames": c.moment_frames, "size": c.size, "tokens": c.tokens, "width": c.width,
-                "dtype": c.dtype, "grid": c.grid, "split": self._split or "full", "lang": self._lang,
-                "corpus": str(self._corpus_json), "video_root": str(self._video_root),
-                "dialogue_report": report.summary(),
-            })
+            # the uniform (evaluation) frames, then with grid > 1 the training grid's
+            todo = [(key, video.num_frames)] + ([(grid_key(key, c.grid), c.grid * video.num_frames)]
+                                                if c.grid > 1 else [])
+            decoded = [(kk, frames_lib.load_frames(video.path, n, mode="uniform", size=c.size)) for kk, n in todo]
+            out = []
+            for kk, fr in decoded:
+                feats = np.asarray(self._encode(fr.pixels), _np_dtype(c.dtype))
+                if feats.shape != (len(fr.pixels), c.tokens, c.width):
+                    raise ValueError(f"{kk}: features of shape {feats.shape}, expected "
+                                     f"{(len(fr.pixels), c.tokens, c.width)}")
+                out.append((kk, fr, {"features": feats.view(np.uint16) if c.dtype == "bfloat16" else feats}))
+            return out
+
+        def _extra_metadata(self):
+            c = self.builder_config
+            return {"tokens": c.tokens, "width": c.width, "dtype": c.dtype, "grid": c.grid}
 
     _CLASSES = (IvcrVitFeaturesConfig, IvcrVitFeatures)
     return _CLASSES
@@ -330,7 +277,7 @@ class VitFeatures:
 
     def _open(self):
         if self._source is None:
-            self._source = _tfds().builder_from_directory(str(self.path)).as_data_source(self.split)
+            self._source = tfds_module().builder_from_directory(str(self.path)).as_data_source(self.split)
         return self._source
 
     def __getstate__(self):

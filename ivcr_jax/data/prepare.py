@@ -94,32 +94,27 @@ def split_records(corpus_json, dialogues) -> list[dict]:
     return [raw[d.index] for d in dialogues]
 
 
-def _tfds():
+def tfds_module():
+    """``tensorflow_datasets``, imported on first use (a heavy optional dependency of raw-video runs)."""
     import tensorflow_datasets as tfds
 
     return tfds
 
 
-def _builder_classes():
-    """Defined lazily so that importing this module does not import tensorflow_datasets."""
-    global _CLASSES
-    if _CLASSES is not None:
-        return _CLASSES
-    tfds = _tfds()
+
+def video_records_builder():
+    """The base of the builders that store one record per distinct (video, frame count) of a split
+    (``IvcrFrames`` here, ``features.IvcrVitFeatures``): the split's enumeration, the shared keys and
+    metadata, the dialogue records. A subclass gives its payload features, its per-video records
+    (:meth:`_video_records`) and its extra metadata. Defined lazily (tensorflow_datasets)."""
+    global _BASE
+    if _BASE is not None:
+        return _BASE
+    tfds = tfds_module()
     from tensorflow_datasets.core.utils.py_utils import classproperty
 
-    @dataclasses.dataclass
-    class IvcrFramesConfig(tfds.core.BuilderConfig):
-        retrieval_frames: int = 12
-        moment_frames: int = 96
-        size: int = 224
-
-    class IvcrFrames(tfds.core.GeneratorBasedBuilder):
-        """Decoded frames of the videos an IVCR-200K split shows (see module docstring)."""
-
-        VERSION = tfds.core.Version("1.0.0")
-        RELEASE_NOTES = {"1.0.0": "Per (video, frame count) uint8 frames, uniform sampling."}
-        BUILDER_CONFIG_CLASS = IvcrFramesConfig
+    class VideoRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        LOG_PREFIX = "prepare"
 
         # No checksums / package metadata files: without this tfds looks for them beside the
         # module through `importlib_resources`, which is not a dependency here.
@@ -129,25 +124,24 @@ def _builder_classes():
             return None
 
         def __init__(self, *, corpus_json=None, video_root=None, split: str | None = None, lang: str = "en",
-                     exclude_types=((0,),), num_candidates: int | None = 10, decode_threads: int = 1, **kw):
+                     exclude_types=((0,),), num_candidates: int | None = 10, **kw):
             self._corpus_json, self._video_root, self._split = corpus_json, video_root, split
             self._lang, self._exclude, self._num_candidates = lang, exclude_types, num_candidates
-            self._decode_threads = decode_threads
             self.records: list[dict] = []
             self.failed: dict[str, str] = {}
             super().__init__(**kw)
 
-        def _info(self):
+        def _video_info(self, description: str, payload: dict):
+            """The dataset info: the shared per-record keys with ``payload`` (the stored arrays)."""
             f = tfds.features
-            c = self.builder_config
             return tfds.core.DatasetInfo(
                 builder=self,
-                description="IVCR-200K videos decoded to uint8 frames for ivcr_jax.",
+                description=description,
                 features=f.FeaturesDict({
                     "key": f.Text(),  # "<video_id>@<num_frames>"
                     "video_id": f.Text(),
                     "num_frames": f.Scalar(dtype=np.int32),
-                    "pixels": f.Tensor(shape=(None, c.size, c.size, 3), dtype=np.uint8, encoding="zlib"),
+                    **payload,
                     "timestamps": f.Tensor(shape=(None,), dtype=np.float32),
                     "indices": f.Tensor(shape=(None,), dtype=np.int64),
                     # Raw bytes: a plain float feature is stored as float32 and would not round-trip.
@@ -161,6 +155,13 @@ def _builder_classes():
         def _split_generators(self, dl_manager):
             return {self._split or "full": self._generate_examples()}
 
+        def _video_records(self, key: str, video):
+            """``[(record key, frames.Frames, payload dict), ...]`` of one video (may raise VideoError)."""
+            raise NotImplementedError
+
+        def _extra_metadata(self) -> dict:
+            return {}
+
         def _generate_examples(self):
             c = self.builder_config
             dialogues, report, keys = split_videos(
@@ -172,24 +173,65 @@ def _builder_classes():
             for v in keys:
                 k = video_key(v.video_id, v.num_frames)
                 try:
-                    fr = frames_lib.load_frames(v.path, v.num_frames, mode="uniform", size=c.size,
-                                                num_threads=self._decode_threads)
+                    items = self._video_records(k, v)
                 except frames_lib.VideoError as e:
                     self.failed[k] = str(e)
-                    log.warning("prepare: %s", e)
+                    log.warning("%s: %s", self.LOG_PREFIX, e)
                     continue
-                index[k] = len(index)
-                yield index[k], {
-                    "key": k, "video_id": v.video_id, "num_frames": v.num_frames, "pixels": fr.pixels,
-                    "timestamps": fr.timestamps, "indices": fr.indices.astype(np.int64),
-                    "duration": float(fr.duration), "fps": float(fr.fps),
-                }
+                for kk, fr, payload in items:
+                    index[kk] = len(index)
+                    yield index[kk], {
+                        "key": kk, "video_id": v.video_id, "num_frames": v.num_frames, **payload,
+                        "timestamps": fr.timestamps, "indices": fr.indices.astype(np.int64),
+                        "duration": float(fr.duration), "fps": float(fr.fps),
+                    }
             self.info.metadata.update({
                 "index": index, "failed": self.failed, "retrieval_frames": c.retrieval_frames,
-                "moment_frames": c.moment_frames, "size": c.size, "split": self._split or "full",
-                "lang": self._lang, "corpus": str(self._corpus_json), "video_root": str(self._video_root),
-                "dialogue_report": report.summary(),
+                "moment_frames": c.moment_frames, "size": c.size, **self._extra_metadata(),
+                "split": self._split or "full", "lang": self._lang, "corpus": str(self._corpus_json),
+                "video_root": str(self._video_root), "dialogue_report": report.summary(),
             })
+
+    _BASE = VideoRecords
+    return _BASE
+
+
+_BASE = None
+
+
+def _builder_classes():
+    """Defined lazily so that importing this module does not import tensorflow_datasets."""
+    global _CLASSES
+    if _CLASSES is not None:
+        return _CLASSES
+    tfds = tfds_module()
+
+    @dataclasses.dataclass
+    class IvcrFramesConfig(tfds.core.BuilderConfig):
+        retrieval_frames: int = 12
+        moment_frames: int = 96
+        size: int = 224
+
+    class IvcrFrames(video_records_builder()):
+        """Decoded frames of the videos an IVCR-200K split shows (see module docstring)."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        RELEASE_NOTES = {"1.0.0": "Per (video, frame count) uint8 frames, uniform sampling."}
+        BUILDER_CONFIG_CLASS = IvcrFramesConfig
+
+        def __init__(self, *, decode_threads: int = 1, **kw):
+            self._decode_threads = decode_threads
+            super().__init__(**kw)
+
+        def _info(self):
+            size = self.builder_config.size
+            return self._video_info("IVCR-200K videos decoded to uint8 frames for ivcr_jax.", {
+                "pixels": tfds.features.Tensor(shape=(None, size, size, 3), dtype=np.uint8, encoding="zlib")})
+
+        def _video_records(self, key, video):
+            fr = frames_lib.load_frames(video.path, video.num_frames, mode="uniform", size=self.builder_config.size,
+                                        num_threads=self._decode_threads)
+            return [(key, fr, {"pixels": fr.pixels})]
 
     _CLASSES = (IvcrFramesConfig, IvcrFrames)
     return _CLASSES
@@ -262,7 +304,7 @@ class PreparedVideos:
 
     def _open(self):
         if self._source is None:
-            tfds = _tfds()
+            tfds = tfds_module()
             self._source = tfds.builder_from_directory(str(self.path)).as_data_source(self.split)
         return self._source
 
