@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ivcr_jax.models.layers import attention
+from ivcr_jax.models.layers import _attention_einsum, _causal_block, attention
 
 
 def _inputs(dtype, heads, kv_heads, *, T=7, S=7, B=2, D=8, seed=0):
@@ -49,3 +49,42 @@ def test_an_unknown_implementation_is_refused():
     q, k, v, _ = _inputs(jnp.float32, 2, 2)
     with pytest.raises(ValueError, match="'xla' or 'einsum'"):
         attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "empty_rows"])
+@pytest.mark.parametrize("block", [32, 64, 200])
+def test_blocked_causal_einsum_equals_dot_product_attention(heads, kv_heads, mask_kind, block):
+    """Causal self-attention in query blocks (each against the keys up to its last row) gives the
+    unblocked values and gradients, including rows whose every key is masked (uniform over all S,
+    as jax.nn) and a last block shorter than the others."""
+    T = 150
+    q, k, v, _ = _inputs(jnp.float32, heads, kv_heads, T=T, S=T, D=8)
+    valid = jnp.arange(T)[None, :] < jnp.array([T, T - 40])[:, None]
+    if mask_kind == "none":
+        mask = None
+    elif mask_kind == "padding":
+        mask = valid[:, None, None, :]
+    else:  # left padding: the first 30 queries of row 1 see no real key at all
+        mask = (jnp.arange(T)[None, :] >= jnp.array([0, 30])[:, None])[:, None, None, :]
+    w = jnp.cos(jnp.arange(2 * T * heads * 8).reshape(2, T, heads, 8))
+
+    def run(fn):
+        def f(q, k, v):
+            out = fn(q, k, v)
+            return (out * w).sum(), out
+        (_, out), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return out, grads
+
+    out_b, g_b = run(lambda q, k, v: _attention_einsum(q, k, v, mask=mask, is_causal=True,
+                                                       scale=8 ** -0.5, block=block))
+    out_x, g_x = run(lambda q, k, v: attention(q, k, v, mask=mask, is_causal=True, implementation="xla"))
+    np.testing.assert_allclose(np.asarray(out_b), np.asarray(out_x), atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_b, g_x):
+        scale = float(np.abs(np.asarray(b)).max())
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * scale, rtol=1e-5)
+
+
+def test_the_causal_block_size_keeps_the_graph_small():
+    assert _causal_block(128) == 64 and _causal_block(256) == 64
+    assert _causal_block(2048) == 256 and -(-2048 // _causal_block(2048)) == 8

@@ -350,7 +350,9 @@ class Llama(nnx.Module):
                 mask, is_causal = None, True  # lets a fused (flash) kernel skip the masked half
             else:
                 q_slot = k_slot = jnp.arange(S)
-                mask, is_causal = _mask(real, q_slot, k_slot), False
+                # the mask is causal already; saying so lets the CPU attention skip the masked
+                # upper triangle block by block (layers._attention_einsum); the values are the same
+                mask, is_causal = _mask(real, q_slot, k_slot), True
             valid, kv = None, None
         else:
             valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
