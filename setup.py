@@ -43,9 +43,19 @@ setup(
             "peft>=0.13",
             "faiss-cpu>=1.8",
             "import-linter>=2.1",  # the layers and no-cycles contracts of .importlinter (tests/test_structure.py)
+            "gradio>=5",  # the browser app (python -m ivcr_jax.app) and tests/test_app.py
         ],
+        "app": ["gradio>=5"],
         "convert": ["torch>=2.1"],
         "tpu": ["jax[tpu]"],
     },
-    entry_points={"console_scripts": []},
+    # Each script is its `python -m` program: the same main(argv=None) -> exit status, the same flags.
+    entry_points={"console_scripts": [
+        "ivcr-train = ivcr_jax.train.__main__:main",
+        "ivcr-eval = ivcr_jax.eval.__main__:main",
+        "ivcr-chat = ivcr_jax.chat:main",
+        "ivcr-app = ivcr_jax.app.__main__:main",
+        "ivcr-convert = ivcr_jax.convert.__main__:main",
+        "ivcr-demo = ivcr_jax.__main__:main",
+    ]},
 )

@@ -11,7 +11,7 @@ import pytest
 
 from test_generate import random_model, tiny_experiment, tiny_flags
 
-from ivcr_jax import chat
+from ivcr_jax import chat, conversation
 from ivcr_jax.data.batch import slot_view
 from ivcr_jax.data.frames import load_frames
 from ivcr_jax.data.prompts import PromptLoader, clean_answer
@@ -166,7 +166,7 @@ def scripted(monkeypatch, tokenizer):
     def install(*answers):
         gen = _ScriptedGenerator(tokenizer, answers)
         gen.prompts = prompts
-        monkeypatch.setattr(chat, "Generator", lambda *a, **k: gen)
+        monkeypatch.setattr(conversation, "Generator", lambda *a, **k: gen)
         return gen
     return install
 
