@@ -58,9 +58,10 @@ def lm_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array | None = Non
     states, without these logits.
     """
     _check_reduction(reduction)
-    if index is None:
-        logits = logits[:, :-1]
-    targets, mask = _targets(labels, weight, index, shifted_len=None)
+    # Without an index, position t predicts labels[:, t+1]: the targets are shifted and padded
+    # with one masked column, rather than the logits sliced to S - 1 positions (a [B, S - 1, V]
+    # copy forward and a pad of its gradient backward).
+    targets, mask = _targets(labels, weight, index, shifted_len=logits.shape[1] if index is None else None)
     logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
     tgt = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
     nll = jnp.where(mask, logz - tgt.astype(jnp.float32), 0.0)
