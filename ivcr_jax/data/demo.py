@@ -249,6 +249,32 @@ def _encode(path: Path, frames: list[np.ndarray], fps: int) -> None:
             container.mux(packet)
 
 
+def encode_mp4(path: Path, frames, fps: int, *, options: dict | None = None) -> None:
+    """libx264 mp4 of the RGB ``frames`` (any iterable, streamed) with the encoder ``options`` only
+    (``None``/``{}``: libx264's defaults, as ``ffmpeg -c:v libx264``): the same PyAV muxing as the demo
+    clips (bit-exact container), for longer clips in other encoder settings (``data/bench_corpus.py``)."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="mp4", options={"fflags": "+bitexact"}) as container:
+        stream = None
+        for i, rgb in enumerate(frames):
+            if stream is None:
+                stream = container.add_stream("libx264", rate=fps, options=dict(options or {}))
+                stream.height, stream.width = rgb.shape[:2]
+                stream.pix_fmt = "yuv420p"
+                stream.bit_rate = 0  # rate control by crf, not PyAV's default bit rate
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        if stream is None:
+            raise ValueError(f"{path}: no frames to encode")
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 def _render(clip: _Clip, size: int) -> list[np.ndarray]:
     """The clip's frames: the same two arrays (background only / with the shape), repeated."""
     off = np.empty((size, size, 3), np.uint8)

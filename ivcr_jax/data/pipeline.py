@@ -55,7 +55,7 @@ distinct samples: a sample skipped in every epoch counts once (the draws are cou
 Config (:class:`PipelineConfig`; :meth:`PipelineConfig.from_config` reads an ml_collections
 ``config.data`` node with keys ``retrieval_frames, moment_frames, frame_size, timestamp_len,
 max_turns, max_sample_turns, max_len, text_buckets, max_retrieval_videos, max_moment_videos,
-workers, video_root, prepared, vit_features, frame_pool`` — missing keys keep the defaults).
+workers, decode_threads, video_root, prepared, vit_features, frame_pool`` — missing keys keep the defaults).
 """
 from __future__ import annotations
 
@@ -177,6 +177,7 @@ class PipelineConfig:
             frame_size=int(get("frame_size", cls.frame_size)),
             timestamp_len=int(get("timestamp_len", cls.timestamp_len)),
             num_workers=int(get("workers", cls.num_workers)),
+            decode_threads=int(get("decode_threads", cls.decode_threads)),
             cache_videos=int(get("cache_videos", cls.cache_videos)),
             prepared=get("prepared", None) or None,
             vit_features=get("vit_features", None) or None,
@@ -200,6 +201,13 @@ class RawVideos:
         self._decoded: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
 
+    def __getstate__(self):  # Grain workers get a copy: without the lock (unpicklable) and the cache
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_decoded")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._decoded, self._lock = collections.OrderedDict(), threading.Lock()
+
     def load(self, req: VideoRequest, mode: str, rng: np.random.Generator | None) -> frames_lib.Frames:
         if self.cache <= 0:
             return frames_lib.load_frames(req.path, req.num_frames, mode=mode, rng=rng, size=self.size,
@@ -216,6 +224,33 @@ class RawVideos:
                 while len(self._decoded) > self.cache:
                     self._decoded.popitem(last=False)
         return video.frames(req.num_frames, mode=mode, rng=rng)
+
+    def load_many(self, reqs: Sequence[VideoRequest], mode: str, rng: np.random.Generator | None) -> dict:
+        """``{(path, num_frames): Frames}`` of a sample's requests: each file opened once and decoded in
+        one pass for all its frame counts (``frames.VideoFile``). The indices are drawn in request
+        order, as calling :meth:`load` per distinct (path, frame count) draws them, so the frames are
+        the same."""
+        keys = list(dict.fromkeys((r.path, r.num_frames) for r in reqs))
+        if self.cache > 0:
+            by_key = {(r.path, r.num_frames): r for r in reqs}
+            return {k: self.load(by_key[k], mode, rng) for k in keys}
+        last = {path: i for i, (path, _) in enumerate(keys)}
+        open_: dict[str, tuple[frames_lib.VideoFile, list]] = {}
+        out = {}
+        try:
+            for i, (path, n) in enumerate(keys):
+                if path not in open_:
+                    open_[path] = (frames_lib.VideoFile(path, size=self.size, num_threads=self.decode_threads), [])
+                video, wanted = open_[path]
+                wanted.append((n, frames_lib.sample_indices(video.num_frames, n, mode, rng)))
+                if last[path] == i:  # every frame count of this file drawn: one decode pass, then close
+                    for (m, _), f in zip(wanted, video.frames([ix for _, ix in wanted])):
+                        out[(path, m)] = f
+                    open_.pop(path)[0].close()
+        finally:
+            for video, _ in open_.values():
+                video.close()
+        return out
 
     def __repr__(self):
         return f"RawVideos(size={self.size})"
@@ -365,10 +400,13 @@ class SampleLoader:
         decoded: dict[tuple[str, int], frames_lib.Frames] = {}
         reqs = prefix_videos(ref.dialogue, ref.turn_idx, scfg)
         try:
-            for r in reqs:
-                key = (r.path, r.num_frames)
-                if key not in decoded:  # a video shown twice in a sample is decoded once
-                    decoded[key] = self.videos.load(r, mode, rng)
+            if hasattr(self.videos, "load_many"):  # each file opened once, one decode pass per file
+                decoded = self.videos.load_many(reqs, mode, rng)
+            else:
+                for r in reqs:
+                    key = (r.path, r.num_frames)
+                    if key not in decoded:  # a video shown twice in a sample is decoded once
+                        decoded[key] = self.videos.load(r, mode, rng)
         except frames_lib.VideoError as e:
             return {"skip": "video", "sample_id": ref.sample_id, "error": f"sample {ref.key}: {e}"}
         timestamps = {r.turn: decoded[(r.path, r.num_frames)].timestamps for r in reqs if r.role == "moment"}
