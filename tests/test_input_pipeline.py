@@ -108,3 +108,18 @@ def test_decoding_at_the_target_size_matches_decode_then_resize(long_gop_clip):
     # against PIL antialiased bicubic on RGB; the native frames themselves are identical in decord and PyAV)
     assert d.mean() < 12.0 and np.percentile(d, 99) < 48, (d.mean(), np.percentile(d, 99))
     assert np.corrcoef(f.pixels.ravel(), ref.ravel())[0, 1] > 0.95
+
+
+def test_decoder_threads_share_the_cores_among_the_loaders(monkeypatch, long_gop_clip):
+    from ivcr_jax.data.pipeline import PipelineConfig
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert PipelineConfig().decoder_threads() == 16                      # one loader: every core
+    assert PipelineConfig(read_threads=4).decoder_threads() == 4
+    assert PipelineConfig(num_workers=8, read_threads=4).decoder_threads() == 2  # workers decode
+    assert PipelineConfig(num_workers=32).decoder_threads() == 1
+    assert PipelineConfig(num_workers=8, decode_threads=3).decoder_threads() == 3  # as configured
+    # and the thread count changes no pixel
+    one = frames_lib.load_frames(long_gop_clip, 24, mode="uniform", size=32, num_threads=1)
+    two = frames_lib.load_frames(long_gop_clip, 24, mode="uniform", size=32, num_threads=2)
+    np.testing.assert_array_equal(one.pixels, two.pixels)

@@ -74,7 +74,7 @@ class PromptLoader:
             from ivcr_jax.data.features import VitFeatures
 
             videos = self.features = VitFeatures(pcfg.vit_features, size=pcfg.frame_size)
-        self.videos = videos or RawVideos(pcfg.frame_size, pcfg.decode_threads)
+        self.videos = videos or RawVideos(pcfg.frame_size, pcfg.decoder_threads())
         self.caps = pcfg.sample.group_capacity()
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cache_size = int(cache_videos)
