@@ -86,5 +86,5 @@ def test_blocked_causal_einsum_equals_dot_product_attention(heads, kv_heads, mas
 
 
 def test_the_causal_block_size_keeps_the_graph_small():
-    assert _causal_block(128) == 64 and _causal_block(256) == 64
+    assert _causal_block(128) == 128 and _causal_block(256) == 128
     assert _causal_block(2048) == 256 and -(-2048 // _causal_block(2048)) == 8

@@ -199,14 +199,16 @@ def _attention_einsum(q, k, v, *, mask, is_causal, scale, block=None):
 
 
 def _causal_block(T: int) -> int:
-    """Query rows per block of causal self-attention on CPU (:func:`_attention_einsum`): 64, or
-    ``T / 8`` for long sequences (at most 8 blocks, so the unrolled graph stays small).
+    """Query rows per block of causal self-attention on CPU (:func:`_attention_einsum`): 128, or
+    ``T / 8`` for long sequences (at most 8 blocks, so the unrolled graph stays small; a sequence
+    of at most 128 tokens is one block).
 
     Against one unblocked pass, process CPU time on a 2-core CPU at ``[2, 256, 8 heads, 64]``:
-    0.75 forward, 0.68 forward + backward; ``[4, 128, 4, 64]``: 0.90 / 0.90 (docs/benchmarks.md,
-    "LLaMA against HF transformers + peft (CPU)").
+    0.75 forward, 0.68 forward + backward with blocks of 64; in the d512/L4/B2/T256 LLaMA, blocks
+    of 128 gave the same forward and a 5 % faster LoRA train step than blocks of 64, and half the
+    extra graph (docs/benchmarks.md, "LLaMA against HF transformers + peft (CPU)").
     """
-    return max(64, -(-T // 8))
+    return max(128, -(-T // 8))
 
 
 # what jax.nn.dot_product_attention writes into masked logits (-0.7 * the fp32 maximum)
